@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Start the local stack: a Ray head (with the Jobs API) and an MLflow tracking server
+# (sqlite backend store, local artifact store). Reuses whatever is already running.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+mkdir -p "$FEWSHOT_STATE/logs" "$FEWSHOT_STATE/mlartifacts"
+
+if ray status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; then
+  echo "ray: already running at 127.0.0.1:$RAY_PORT"
+else
+  echo "ray: starting head at 127.0.0.1:$RAY_PORT (dashboard/jobs $RAY_JOB_ADDRESS, $RAY_NUM_CPUS CPUs)"
+  ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" \
+    --dashboard-host=127.0.0.1 --dashboard-port="$RAY_DASHBOARD_PORT" \
+    --num-cpus="$RAY_NUM_CPUS" --disable-usage-stats >"$FEWSHOT_STATE/logs/ray-start.log" 2>&1 \
+    || { cat "$FEWSHOT_STATE/logs/ray-start.log"; exit 1; }
+fi
+
+if curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null 2>&1; then
+  echo "mlflow: already running at $MLFLOW_TRACKING_URI"
+else
+  echo "mlflow: starting at $MLFLOW_TRACKING_URI (store $FEWSHOT_STATE/mlflow.db)"
+  nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$FEWSHOT_STATE/mlflow.db" \
+    --artifacts-destination "$FEWSHOT_STATE/mlartifacts" \
+    >"$FEWSHOT_STATE/logs/mlflow.log" 2>&1 &
+  echo $! >"$FEWSHOT_STATE/mlflow.pid"
+  for _ in $(seq 1 120); do
+    curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null 2>&1 && break
+    sleep 1
+  done
+  curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null || { tail -30 "$FEWSHOT_STATE/logs/mlflow.log"; exit 1; }
+fi

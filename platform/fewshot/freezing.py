@@ -1,0 +1,36 @@
+"""Which parameters train in each phase.
+
+Policies (``--freeze``):
+- ``none``: everything trains (base training from scratch).
+- ``backbone``: backbone and RPN frozen; the RoI box head, the new classifier rows and the
+  class-agnostic box regressor train. The default for few-shot fine-tuning: the features that
+  every old class relies on stay fixed, as in TFA's fine-tuning stage (Wang et al. 2020).
+- ``head``: only the new classifier rows train (TFA's "last layer only" setting, strictest).
+
+The classifier's old rows are frozen by construction in every policy (``weight_old``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+POLICIES = ("none", "backbone", "head")
+
+
+def apply_freezing(model: nn.Module, policy: str) -> dict[str, int]:
+    """Set requires_grad by policy; returns counts of trainable and frozen parameters."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown freezing policy {policy!r}; choose one of {POLICIES}")
+    predictor = model.roi_heads.box_predictor
+    for p in model.parameters():
+        p.requires_grad_(policy == "none")
+    if policy in ("backbone", "head"):
+        predictor.cls_score.weight_new.requires_grad_(True)
+    if policy == "backbone":
+        for p in model.roi_heads.box_head.parameters():
+            p.requires_grad_(True)
+        for p in predictor.bbox_pred.parameters():
+            p.requires_grad_(True)
+    predictor.cls_score.weight_old.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable_params": trainable, "frozen_params": frozen}

@@ -1,0 +1,208 @@
+"""Glue: run ``fewshot.training.train`` on a Ray Train ``TorchTrainer`` (DDP over N workers).
+
+Each worker reads its shard of a Ray Data dataset (catalog Parquet rows), decodes images,
+and runs the same explicit loop as a plain process would. Rank 0 logs losses (and the weights
+a balancer applied) to the MLflow run whose id it is given, shows a progress bar in the job
+log, and reports checkpoints through Ray Train every ``checkpoint_every`` steps so a worker
+failure resumes from the last one (``max_failures``). The final checkpoint is a
+``fewshot.checkpoint`` file (``detector.pt``) inside the Ray Train checkpoint directory.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from fewshot.checkpoint import load_checkpoint, save_checkpoint
+from fewshot.data import class_index, columnar_to_rows, rows_to_batch
+from fewshot.freezing import apply_freezing
+from fewshot.training import TrainConfig, make_optimizer, train
+
+CHECKPOINT_FILE = "detector.pt"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainJobSpec:
+    """Everything a worker needs; plain data so it ships to the workers as the loop config."""
+
+    init_checkpoint: str  # detector.pt to start from (a fresh base model or an expanded parent)
+    train: TrainConfig
+    freeze: str = "none"
+    seed: int = 0
+    balancer: str | None = None
+    balancer_kwargs: dict | None = None
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    metric_prefix: str = "train/"
+    checkpoint_every: int = 0  # 0: only at the end
+    threads_per_worker: int = 1
+    progress: bool = True
+
+
+def _infinite_batches(spec: TrainJobSpec, index: dict[int, int], rank: int) -> Iterator:
+    shard = ray.train.get_dataset_shard("train")
+    rng = np.random.default_rng(spec.seed * 1000 + rank)
+    while True:
+        produced = 0
+        for cols in shard.iter_batches(
+            batch_size=spec.train.batch_size, batch_format="numpy", drop_last=False,
+            local_shuffle_buffer_size=max(64, 4 * spec.train.batch_size),
+            local_shuffle_seed=int(rng.integers(1 << 31)),
+        ):
+            produced += 1
+            yield rows_to_batch(columnar_to_rows(cols), index, rng=rng)
+        if produced == 0:
+            raise RuntimeError(f"worker {rank} received an empty dataset shard")
+
+
+def _mlflow_logger(spec: TrainJobSpec):
+    """Rank 0 logs step metrics straight to the driver's MLflow run."""
+    if not (spec.mlflow_tracking_uri and spec.mlflow_run_id):
+        return None
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(spec.mlflow_tracking_uri)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(spec.mlflow_run_id, metrics=[
+            Metric(spec.metric_prefix + k, float(v), now, step) for k, v in metrics.items()
+        ])
+
+    return log
+
+
+def train_loop_per_worker(config: dict) -> None:
+    spec: TrainJobSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, spec.threads_per_worker))
+    torch.manual_seed(spec.seed + rank)
+
+    start = load_checkpoint(spec.init_checkpoint)
+    model = start.build_model()
+    apply_freezing(model, spec.freeze)
+    balancer = None
+    if spec.balancer:
+        from fewshot.balancers import make_balancer
+        from fewshot.balancer_hooks import attach_precision_observer
+
+        balancer = make_balancer(spec.balancer, **(spec.balancer_kwargs or {}))
+        model.roi_heads.box_predictor.balancer = balancer
+        attach_precision_observer(model, balancer)
+
+    optimizer = make_optimizer(model, spec.train)
+    start_step = 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            model.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE).state_dict)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            start_step = int(state["step"])
+            if balancer is not None and state.get("balancer"):
+                balancer.load_state_dict(state["balancer"])
+
+    ddp_model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    index = class_index(start.category_ids)
+    batches = _infinite_batches(spec, index, rank)
+    log_mlflow = _mlflow_logger(spec) if rank == 0 else None
+
+    def save_and_report(step: int, metrics: dict[str, float], final: bool) -> None:
+        metrics = {**metrics, "step": step}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(Path(d) / CHECKPOINT_FILE, model, start.config, start.classes,
+                            start.category_ids, start.dataset, start.class_set, start.extra)
+            torch.save({"optimizer": optimizer.state_dict(), "step": step,
+                        "balancer": balancer.state_dict() if balancer is not None else None},
+                       Path(d) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if log_mlflow is not None:
+            log_mlflow(step, metrics)
+        if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.train.steps:
+            save_and_report(step, metrics, final=False)
+
+    extra = (lambda: {k: v for k, v in balancer.last_weights.items()}) if balancer is not None else None
+    last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=extra,
+                 progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer)
+    save_and_report(spec.train.steps, last, final=True)
+
+
+def fit(
+    spec: TrainJobSpec,
+    dataset: "ray.data.Dataset",
+    *,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: int = 1,
+    storage_path: str | None = None,
+    name: str = "fewshot-train",
+    max_failures: int = 1,
+) -> Path:
+    """Train on the cluster; returns the local path of the final ``detector.pt``.
+
+    The dataset is materialized before the workers start: on a small cluster the workers hold
+    every CPU, and a lazily read dataset would wait forever for a CPU to run its read tasks.
+    """
+    spec.threads_per_worker = cpus_per_worker
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = dataset.materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path or str(Path(tempfile.gettempdir()) / "fewshot-ray-results"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    out_dir = Path(tempfile.mkdtemp(prefix="fewshot-ckpt-"))
+    with result.checkpoint.as_directory() as d:
+        target = out_dir / CHECKPOINT_FILE
+        target.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
+    return target
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at ``address``, else the one this machine runs, else start one.
+
+    ``RAY_ADDRESS`` set to a dashboard URL (``http://...``, what ``ray job submit`` wants) is
+    not a cluster address; it is ignored here so that a plain ``python jobs/x.py`` still works.
+    """
+    if ray.is_initialized():
+        return
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env.startswith(("http://", "https://")):
+        os.environ.pop("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=True)

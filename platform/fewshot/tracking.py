@@ -1,0 +1,40 @@
+"""Glue: the MLflow bookkeeping shared by the jobs (experiments, params, evaluation reports)."""
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+
+from fewshot.evaluation import EvalReport
+from fewshot.plots import per_class_ap_figure
+
+
+def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None):
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name, tags=tags or {})
+
+
+def log_params(params: dict) -> None:
+    flat = {k: (json.dumps(v) if isinstance(v, (list, dict, tuple)) else v) for k, v in params.items()}
+    mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+
+
+def log_eval_report(report: EvalReport, prefix: str, novel: set[str] | None = None,
+                    parent_per_class: dict[str, float] | None = None) -> None:
+    """Headline metrics, the full report as JSON, and a per-class AP50 bar chart."""
+    mlflow.log_metrics({f"{prefix}{k}": v for k, v in report.headline().items()})
+    mlflow.log_dict(report.to_dict(), f"eval/{prefix.rstrip('_/') or 'report'}.json")
+    if report.per_class_AP50:
+        fig = per_class_ap_figure(report.per_class_AP50, novel=novel, parent=parent_per_class,
+                                  title=f"{prefix.rstrip('_/')} AP50 per class")
+        mlflow.log_figure(fig, f"eval/{prefix.rstrip('_/') or 'report'}_per_class_ap50.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def eval_tags(report: EvalReport) -> dict[str, str]:
+    """Evaluation figures as registry tags (4 decimals; NaN ones left out)."""
+    return {k: f"{v:.4f}" for k, v in report.headline().items() if not math.isnan(v)}

@@ -1,0 +1,104 @@
+"""One explicit training loop, readable top to bottom (torchvision detection-reference style).
+
+``train`` runs ``steps`` SGD steps over an iterator of (images, targets) batches. The model
+returns its loss dict; the loop sums it, steps the optimizer with linear warm-up and cosine
+decay, clips gradients, and reports smoothed losses (and whatever the balancer applied) to a
+callback every ``log_every`` steps. The same loop serves base training and few-shot fine-tuning
+(what trains is decided by requires_grad, see ``fewshot.freezing``), inside or outside Ray.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    grad_clip: float = 10.0
+    log_every: int = 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters (check the freezing policy)")
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from lr/10, then cosine decay to lr/50."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (0.1 + 0.9 * step / max(1, cfg.warmup_steps))
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: list[torch.Tensor],
+    targets: list[dict[str, torch.Tensor]],
+    grad_clip: float,
+) -> dict[str, float]:
+    model.train()
+    loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}: {({k: v.item() for k, v in loss_dict.items()})}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), grad_clip)
+    optimizer.step()
+    out = {k: float(v.detach()) for k, v in loss_dict.items()}
+    out["loss"] = float(loss.detach())
+    return out
+
+
+def train(
+    model: nn.Module,
+    batches: Iterator[tuple[list[torch.Tensor], list[dict]]],
+    cfg: TrainConfig,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    extra_metrics: Callable[[], dict[str, float]] | None = None,
+    progress: bool = True,
+    start_step: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, float]:
+    """Run steps ``start_step``..``cfg.steps``; returns the last smoothed metrics."""
+    optimizer = optimizer or make_optimizer(model, cfg)
+    smoothed: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc="train", unit="step")
+    for step in range(start_step, cfg.steps):
+        images, targets = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        metrics = train_step(model, optimizer, images, targets, cfg.grad_clip)
+        if extra_metrics is not None:
+            metrics.update(extra_metrics())
+        for k, v in metrics.items():
+            smoothed[k] = v if k not in smoothed else 0.9 * smoothed[k] + 0.1 * v
+        bar.update(1)
+        bar.set_postfix(loss=f"{smoothed['loss']:.3f}")
+        if on_log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
+            on_log(step + 1, {**smoothed, "lr": optimizer.param_groups[0]["lr"]})
+    bar.close()
+    return smoothed

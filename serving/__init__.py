@@ -1,0 +1,1 @@
+"""The Ray Serve application that answers detection requests with the champion model."""
