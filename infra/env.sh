@@ -8,7 +8,9 @@ export RAY_PORT="${RAY_PORT:-6390}"
 export RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 export SERVE_PORT="${SERVE_PORT:-8000}"
-export RAY_NUM_CPUS="${RAY_NUM_CPUS:-$(nproc)}"
+# Logical CPUs Ray schedules with: twice the cores, so the demo can train (2 workers) while
+# Serve holds a replica; torch threads per worker are set separately (--cpus-per-worker).
+export RAY_NUM_CPUS="${RAY_NUM_CPUS:-$(( $(nproc) * 2 ))}"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
 export RAY_JOB_ADDRESS="http://127.0.0.1:$RAY_DASHBOARD_PORT"
 export PATH="$VENV/bin:$PATH"

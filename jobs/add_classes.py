@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-import _paths  # noqa: F401  (puts platform/ and the repo root on sys.path)
+# The library lives in platform/ (fewshot) and at the repo root (catalog, serving).
+for _p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[1] / "platform"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,6 @@ swapped in with one assignment, so requests in flight finish on the model they s
 with and none fails. ``reconfigure`` (Serve's ``user_config``) changes the settings live.
 Inference is batched across concurrent requests with ``serve.batch``.
 """
-from __future__ import annotations
 
 import asyncio
 import logging

@@ -91,6 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     torch.set_num_threads(max(1, spec.threads_per_worker))
     torch.manual_seed(spec.seed + rank)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
     start = load_checkpoint(spec.init_checkpoint)
     model = start.build_model()

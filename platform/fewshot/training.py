@@ -9,6 +9,7 @@ callback every ``log_every`` steps. The same loop serves base training and few-s
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -86,7 +87,9 @@ def train(
     """Run steps ``start_step``..``cfg.steps``; returns the last smoothed metrics."""
     optimizer = optimizer or make_optimizer(model, cfg)
     smoothed: dict[str, float] = {}
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc="train", unit="step")
+    # In a job log (no terminal) a bar line every few seconds is plenty.
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc="train", unit="step",
+               mininterval=0.1 if sys.stderr.isatty() else 5.0)
     for step in range(start_step, cfg.steps):
         images, targets = next(batches)
         for group in optimizer.param_groups:

@@ -1,0 +1,124 @@
+"""The whole loop on real components, at tiny scale.
+
+A local Ray cluster (with the Jobs API), a real MLflow server over HTTP and a real Ray Serve
+HTTP endpoint: base training as a Ray job -> Serve answers with version 1 -> add 2 classes
+with ``ray job submit -- python jobs/add_classes.py`` while requests keep flowing -> Serve
+picks up version 2 without a restart and without a failed request -> /v1/classes lists the
+new classes, /v1/detect answers with version 2, and version 2's tags name version 1 as parent.
+"""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+import requests
+from ray import serve
+
+from fewshot import registry
+from services import BIN, ROOT, free_port
+
+MODEL = "loop-detector"
+pytestmark = pytest.mark.integration
+
+
+def submit(job_address: str, args: list[str], timeout: int = 900) -> str:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", job_address, "--working-dir", str(ROOT),
+           "--", sys.executable, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"job failed: {' '.join(args)}\n{out[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    dash = free_port()
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{address}/api/version", timeout=2).ok:
+                break
+        except requests.RequestException:
+            time.sleep(1)
+    try:
+        yield address
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_whole_loop(cluster, tiny_catalog, mlflow_uri):
+    manifest = tiny_catalog.manifest("synthworld")
+    split = manifest.class_split("split1")
+    novel = list(split.novel[:2])
+    common = ["--catalog", str(tiny_catalog.root), "--mlflow-uri", mlflow_uri, "--model-name", MODEL,
+              "--max-eval-images", "20"]
+
+    out = submit(cluster, ["jobs/base_train.py", "--steps", "12", "--batch-size", "4",
+                           "--num-workers", "2", "--checkpoint-every", "6", *common])
+    assert "registered loop-detector version 1 (champion)" in out
+    v1 = registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION)
+    assert v1.version == 1 and v1.classes == list(split.base) and v1.parent_version is None
+    assert "bAP50" in v1.tags
+
+    from serving.app import DetectorService
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(DetectorService.options(user_config={
+        "model_name": MODEL, "tracking_uri": mlflow_uri, "poll_interval_s": 1.0,
+        "score_threshold": 0.0}).bind(), name="loop", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    assert requests.get(f"{url}/healthz", timeout=10).json()["model"]["version"] == 1
+    image = tiny_catalog.read_split("synthworld", "test").slice(0, 1).column("image")[0].as_py()
+
+    statuses: list[int] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            r = requests.post(f"{url}/v1/detect", data=image, timeout=60)
+            statuses.append(r.status_code)
+            if r.ok:
+                versions.add(r.json()["model"]["version"])
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    sender.start()
+    try:
+        out = submit(cluster, ["jobs/add_classes.py", "--classes", ",".join(novel), "--shots", "2",
+                               "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0",
+                               "--cpus-per-worker", "1", *common])
+        assert "as 'champion'" in out
+        deadline = time.time() + 120
+        while time.time() < deadline and 2 not in versions:
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        sender.join(timeout=60)
+
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert versions == {1, 2}, versions
+
+    classes = requests.get(f"{url}/v1/classes", timeout=10).json()
+    assert classes["model"]["version"] == 2
+    assert classes["classes"] == list(split.base) + novel
+
+    r = requests.post(f"{url}/v1/detect", files={"file": ("x.png", image, "image/png")}, timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"]["version"] == 2 and body["image"] == {"width": 160, "height": 160}
+    for det in body["detections"]:
+        assert det["label"] in classes["classes"] and len(det["box"]) == 4
+
+    v2 = registry.get_version(mlflow_uri, MODEL, 2)
+    assert v2.parent_version == 1 and v2.tags["parent_version"] == "1"
+    assert json.loads(v2.tags["classes"]) == list(split.base) + novel
+    assert v2.tags["shots"] == "2" and "nAP50" in v2.tags and "bAP50" in v2.tags
+    assert "champion" in v2.aliases
