@@ -7,7 +7,7 @@ cd "$ROOT"
 MODEL="${MODEL:-fewshot-detector}"
 NOVEL="${NOVEL:-}"          # default: the 5 novel classes of split1
 SHOTS="${SHOTS:-10}"
-BASE_STEPS="${BASE_STEPS:-600}"
+BASE_STEPS="${BASE_STEPS:-700}"
 ADD_STEPS="${ADD_STEPS:-150}"
 start=$(date +%s)
 step() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - start )); }

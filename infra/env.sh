@@ -14,3 +14,9 @@ export RAY_NUM_CPUS="${RAY_NUM_CPUS:-$(( $(nproc) * 2 ))}"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
 export RAY_JOB_ADDRESS="http://127.0.0.1:$RAY_DASHBOARD_PORT"
 export PATH="$VENV/bin:$PATH"
+# Single-node, loopback-only Ray: with this unset Ray replaces 127.0.0.1 by the machine's
+# network address. (Ray's switch for this is named after the platforms where it is the default.)
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# The local stack listens on 127.0.0.1 only; Ray's token authentication is for clusters
+# reachable from a network (turn it on with RAY_AUTH_MODE=token there).
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="dataset (default: the champion's dataset)")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
-    p.add_argument("--lr", type=float, default=0.01, help="peak SGD learning rate")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     p.add_argument("--freeze", default="backbone", choices=POLICIES,
                    help="what stays frozen: backbone (+RPN), head (all but the new rows), none")
     p.add_argument("--no-replay", action="store_true",
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--cpus-per-worker", type=int, default=2, help="CPUs (torch threads) per worker")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--eval-split", default=None, choices=["test", "val"],
+                   help="split to evaluate on (default: test if the dataset has one, else val)")
     p.add_argument("--max-eval-images", type=int, default=None,
                    help="evaluate on at most this many test images (default: all)")
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered model name")
@@ -74,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         catalog_root=args.catalog, mlflow_uri=args.mlflow_uri,
         classes=[c.strip() for c in args.classes.split(",") if c.strip()],
         shots=args.shots, seed=args.seed, dataset=args.dataset,
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                           warmup_steps=min(20, args.steps // 5), log_every=10),
         freeze=args.freeze, replay=not args.no_replay, max_base_drop=args.max_base_drop,
         num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         model_name=args.model_name, experiment=args.experiment,
-        max_eval_images=args.max_eval_images, balancer=args.balancer,
+        max_eval_images=args.max_eval_images, eval_split=args.eval_split, balancer=args.balancer,
         ray_address=args.ray_address, storage_path=args.storage_path,
     )
     try:

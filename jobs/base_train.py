@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated base classes (overrides --class-split; for imported datasets)")
     p.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS),
                    help="detector preset: cpu-small trains on CPU in minutes, r50-fpn is for GPUs")
-    p.add_argument("--steps", type=int, default=800, help="training steps (per worker)")
+    p.add_argument("--steps", type=int, default=700, help="training steps (per worker)")
     p.add_argument("--batch-size", type=int, default=8, help="images per step per worker")
-    p.add_argument("--lr", type=float, default=0.02, help="peak SGD learning rate")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps")
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (DDP processes)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker")
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=200,
                    help="report a Ray Train checkpoint every N steps (0: only at the end)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--eval-split", default=None, choices=["test", "val"],
+                   help="split to evaluate on (default: test if the dataset has one, else val)")
     p.add_argument("--max-eval-images", type=int, default=None,
                    help="evaluate on at most this many test images (default: all)")
     p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered model name")
@@ -72,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         catalog_root=args.catalog, dataset=args.dataset, mlflow_uri=args.mlflow_uri,
         base_classes=[c.strip() for c in args.classes.split(",") if c.strip()],
         class_split=args.class_split, preset=args.preset,
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                           warmup_steps=args.warmup_steps),
         num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         seed=args.seed, model_name=args.model_name, experiment=args.experiment,
-        max_eval_images=args.max_eval_images, balancer=args.balancer,
+        max_eval_images=args.max_eval_images, eval_split=args.eval_split, balancer=args.balancer,
         checkpoint_every=args.checkpoint_every, ray_address=args.ray_address,
         storage_path=args.storage_path,
     )

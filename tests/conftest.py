@@ -1,7 +1,14 @@
 """Shared fixtures: a tiny embedded world in a temporary catalog; a real MLflow server."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Ray on loopback only (otherwise it advertises the machine's network address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Test clusters listen on 127.0.0.1 only and live for one test module: no token auth.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from catalog import Catalog
 from catalog.world import build_world

@@ -24,13 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None,
+              ok=lambda code: code == 200) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{url}: process exited early\n{log.read_text()[-3000:] if log else ''}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
+            if ok(requests.get(url, timeout=2).status_code):
                 return
         except requests.RequestException:
             pass

@@ -7,6 +7,8 @@ picks up version 2 without a restart and without a failed request -> /v1/classes
 new classes, /v1/detect answers with version 2, and version 2's tags name version 1 as parent.
 """
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ import requests
 from ray import serve
 
 from fewshot import registry
-from services import BIN, ROOT, free_port
+from services import BIN, ROOT, free_port, wait_http
 
 MODEL = "loop-detector"
 pytestmark = pytest.mark.integration
@@ -27,29 +29,52 @@ pytestmark = pytest.mark.integration
 def submit(job_address: str, args: list[str], timeout: int = 900) -> str:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", job_address, "--working-dir", str(ROOT),
            "--", sys.executable, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
+    deadline = time.time() + 180
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = proc.stdout + proc.stderr
+        # the Jobs API answers before its agent is ready on a freshly started cluster
+        if proc.returncode == 0 or "No available agent" not in out or time.time() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, f"job failed: {' '.join(args)}\n{out[-6000:]}"
     return out
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    dash = free_port()
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dash)
+def cluster(tmp_path_factory):
+    """``ray start --head --block`` on free loopback ports; stopping it stops its processes."""
+    gcs, dash = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    log = temp / "ray-start.log"
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--num-cpus", "4",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", str(temp),
+         "--disable-usage-stats",
+         # every fixed default port gets a free one, so a running demo cluster does not clash
+         *[f"--{name}={free_port()}" for name in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+             "object-manager-port")]],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{address}/api/version", timeout=2).ok:
-                break
-        except requests.RequestException:
-            time.sleep(1)
     try:
+        # any answer means the dashboard is up (401 when Ray's token authentication is on)
+        wait_http(f"{address}/api/version", 180, proc, log, ok=lambda code: code < 500)
+        ray.init(address=f"127.0.0.1:{gcs}")
         yield address
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_whole_loop(cluster, tiny_catalog, mlflow_uri):

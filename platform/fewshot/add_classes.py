@@ -29,7 +29,7 @@ from catalog.kshot import InsufficientInstances, count_instances, sample_kshot
 from fewshot import ray_train, registry, tracking
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.data import class_index, rows_to_batch
-from fewshot.evaluation import evaluate_checkpoint_on_split
+from fewshot.evaluation import default_eval_split, evaluate_checkpoint_on_split
 from fewshot.expansion import expand_detector
 from fewshot.training import TrainConfig
 
@@ -47,7 +47,7 @@ class AddClassesOptions:
     seed: int = 0
     dataset: str | None = None  # default: the champion's dataset
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=150, batch_size=8, lr=0.01, warmup_steps=20, log_every=10))
+        steps=150, batch_size=8, lr=5e-4, warmup_steps=20, log_every=10))
     freeze: str = "backbone"
     replay: bool = True
     max_base_drop: float = 0.05
@@ -56,7 +56,7 @@ class AddClassesOptions:
     use_gpu: bool = False
     model_name: str = registry.DEFAULT_MODEL_NAME
     experiment: str = "fewshot-add-classes"
-    eval_split: str = "test"
+    eval_split: str | None = None  # None: "test" if the dataset has it, else "val"
     max_eval_images: int | None = None
     balancer: str | None = None
     ray_address: str | None = None
@@ -149,6 +149,7 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
     plan = validate(opts)
     catalog = Catalog(opts.catalog_root)
     manifest = catalog.manifest(plan.dataset)
+    eval_split = opts.eval_split or default_eval_split(manifest)
     work = Path(tempfile.mkdtemp(prefix="fewshot-add-"))
     parent_path = registry.download_checkpoint(opts.mlflow_uri, opts.model_name, plan.parent.version, work / "parent")
     parent_ckpt = load_checkpoint(parent_path)
@@ -199,12 +200,12 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
                               cpus_per_worker=opts.cpus_per_worker, storage_path=opts.storage_path,
                               name=f"add-{run.info.run_id[:8]}")
 
-        print(f"evaluating parent and child on the {opts.eval_split} split ...", flush=True)
+        print(f"evaluating parent and child on the {eval_split} split ...", flush=True)
         base_names = list(parent_ckpt.classes)
-        parent_report = evaluate_checkpoint_on_split(parent_ckpt, catalog, plan.dataset, opts.eval_split,
+        parent_report = evaluate_checkpoint_on_split(parent_ckpt, catalog, plan.dataset, eval_split,
                                                      base_names, max_images=opts.max_eval_images)
         child_report = evaluate_checkpoint_on_split(load_checkpoint(final), catalog, plan.dataset,
-                                                    opts.eval_split, base_names, plan.new_classes,
+                                                    eval_split, base_names, plan.new_classes,
                                                     max_images=opts.max_eval_images)
         tracking.log_eval_report(parent_report, prefix="parent_")
         tracking.log_eval_report(child_report, prefix="test_", novel=set(plan.new_classes),

@@ -21,7 +21,7 @@ from fewshot import ray_train, registry, tracking
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.config import preset
 from fewshot.detector import build_detector
-from fewshot.evaluation import evaluate_checkpoint_on_split
+from fewshot.evaluation import default_eval_split, evaluate_checkpoint_on_split
 from fewshot.training import TrainConfig
 
 
@@ -40,7 +40,7 @@ class BaseTrainOptions:
     seed: int = 0
     model_name: str = registry.DEFAULT_MODEL_NAME
     experiment: str = "fewshot-base"
-    eval_split: str = "test"
+    eval_split: str | None = None  # None: "test" if the dataset has it, else "val"
     max_eval_images: int | None = None
     balancer: str | None = None
     checkpoint_every: int = 0
@@ -69,6 +69,7 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
     category_ids = [by_name[c].id for c in classes]
     class_set = ClassSet.create(dataset=opts.dataset, classes=tuple(classes), parent=None)
     config = preset(opts.preset)
+    eval_split = opts.eval_split or default_eval_split(manifest)
 
     torch.manual_seed(opts.seed)
     work = Path(tempfile.mkdtemp(prefix="fewshot-base-"))
@@ -94,9 +95,9 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
         final = ray_train.fit(spec, dataset, num_workers=opts.num_workers, use_gpu=opts.use_gpu,
                               cpus_per_worker=opts.cpus_per_worker, storage_path=opts.storage_path,
                               name=f"base-{opts.dataset}-{run.info.run_id[:8]}")
-        print(f"evaluating on the {opts.eval_split} split ...", flush=True)
+        print(f"evaluating on the {eval_split} split ...", flush=True)
         report = evaluate_checkpoint_on_split(load_checkpoint(final), catalog, opts.dataset,
-                                              opts.eval_split, classes,
+                                              eval_split, classes,
                                               max_images=opts.max_eval_images)
         tracking.log_eval_report(report, prefix="test_")
         save_class_set(catalog, class_set)
@@ -109,7 +110,7 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
         registry.set_alias(opts.mlflow_uri, opts.model_name, registry.CHAMPION, version.version)
         mlflow.set_tag("registered_version", str(version.version))
     print(f"base model: bAP={report.bAP:.4f} bAP50={report.bAP50:.4f} on {report.num_images} "
-          f"{opts.eval_split} images", flush=True)
+          f"{eval_split} images", flush=True)
     print(f"registered {opts.model_name} version {version.version} (champion), "
           f"class set {class_set.id}", flush=True)
     return version

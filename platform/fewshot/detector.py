@@ -35,6 +35,8 @@ class RoIBatch:
     regression_targets: torch.Tensor  # [R, 4]
     proposals: torch.Tensor  # [R, 4]
     image_index: torch.Tensor  # [R] which image of the batch each RoI came from
+    matched_idxs: torch.Tensor  # [R] index of the matched ground-truth box within its image
+    targets: list  # the batch's targets (dicts; may carry per-box extras such as teacher embeddings)
 
 
 class FewShotRoIHeads(RoIHeads):
@@ -47,7 +49,8 @@ class FewShotRoIHeads(RoIHeads):
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training")
-            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
+                proposals, targets)
         box_features = self.box_roi_pool(features, proposals, image_shapes)
         box_features = self.box_head(box_features)
         class_logits, box_regression = self.box_predictor(box_features)
@@ -70,6 +73,8 @@ class FewShotRoIHeads(RoIHeads):
                     image_index=torch.cat(
                         [torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(proposals)]
                     ).to(box_features.device),
+                    matched_idxs=torch.cat(matched_idxs),
+                    targets=targets,
                 )
                 for observe in self.observers:
                     observe(batch)

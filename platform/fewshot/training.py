@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 class TrainConfig:
     steps: int = 600
     batch_size: int = 8
-    lr: float = 0.02
+    optimizer: str = "adamw"  # "adamw" (from-scratch base training) or "sgd"
+    lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_steps: int = 50
@@ -38,10 +39,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum over the trainable parameters.
+
+    AdamW is the default: training the small detector from scratch on a CPU budget, it reached
+    a higher AP50 than SGD from a third of the images (measured on the embedded world).
+    """
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters (check the freezing policy)")
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'adamw' or 'sgd'")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
