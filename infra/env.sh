@@ -3,7 +3,7 @@
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FEWSHOT_STATE="${FEWSHOT_STATE:-$ROOT/.state}"
 export FEWSHOT_CATALOG="${FEWSHOT_CATALOG:-$FEWSHOT_STATE/catalog}"
-export VENV="${VENV:-$ROOT/.venv}"
+FEWSHOT_VENV="${FEWSHOT_VENV:-$ROOT/.venv}"
 export RAY_PORT="${RAY_PORT:-6390}"
 export RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
@@ -13,7 +13,7 @@ export SERVE_PORT="${SERVE_PORT:-8000}"
 export RAY_NUM_CPUS="${RAY_NUM_CPUS:-$(( $(nproc) * 2 ))}"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
 export RAY_JOB_ADDRESS="http://127.0.0.1:$RAY_DASHBOARD_PORT"
-export PATH="$VENV/bin:$PATH"
+export PATH="$FEWSHOT_VENV/bin:$PATH"
 # Single-node, loopback-only Ray: with this unset Ray replaces 127.0.0.1 by the machine's
 # network address. (Ray's switch for this is named after the platforms where it is the default.)
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0

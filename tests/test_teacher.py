@@ -202,15 +202,20 @@ def test_refiner_loads_its_teacher_from_the_stored_spec(teacher, tmp_path):
     assert probs.shape == (2, 3) and torch.allclose(probs.sum(1), torch.ones(2), atol=1e-5)
 
 
-def test_pretrain_job_runs_end_to_end_without_mlflow(tmp_path, monkeypatch, capsys):
+def _job():
     import importlib.util
     from pathlib import Path
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     spec = importlib.util.spec_from_file_location(
         "pretrain_teacher", Path(__file__).resolve().parents[1] / "jobs" / "pretrain_teacher.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def test_pretrain_job_runs_end_to_end_without_mlflow(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = _job()
     out = tmp_path / "teacher.pt"
     rc = job.main(["--catalog", str(tmp_path / "empty-catalog"), "--steps", "2", "--batch-size", "8",
                    "--corpus-pairs", "16", "--eval-images", "6", "--out", str(out), "--no-progress"])
@@ -223,3 +228,23 @@ def test_pretrain_job_runs_end_to_end_without_mlflow(tmp_path, monkeypatch, caps
     assert loaded.info["steps"] == 2 and "zs_top1_split1_novel" in loaded.info
     with pytest.raises(SystemExit):
         job.main(["--help"])
+
+
+def test_pretrain_job_registers_the_teacher(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    job = _job()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ckpt = tmp_path / "embedded-teacher.pt"
+    ckpt.write_bytes(b"weights")
+    spec = f"embedded:{ckpt}"
+    for _ in range(2):
+        version = job.register_teacher(uri, "teachers", job.DEFAULT_REGISTERED_NAME, ckpt, spec,
+                                       "embedded-abc", {"steps": 1},
+                                       {"zs_top1_all": 0.5, "nan": float("nan")}, [2.0, 1.0])
+    assert version == "2"
+    mv = MlflowClient(uri, uri).get_model_version_by_alias(job.DEFAULT_REGISTERED_NAME, "champion")
+    assert mv.version == "2" and mv.tags["teacher_spec"] == spec and mv.tags["zs_top1_all"] == "0.5000"
+    local = job.download_registered_teacher(uri, dst=str(tmp_path / "dl"))
+    assert local.startswith("embedded:") and open(local[len("embedded:"):], "rb").read() == b"weights"
