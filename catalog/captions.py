@@ -6,13 +6,15 @@ textures, clutter, occlusion), but from their own random streams, so the corpus 
 reproduces an image of the catalog's train/val/test splits. Every scene gives
 
 * one **object crop** per annotated object (the box squared up with some context, resized
-  to ``crop_size``), captioned from its class, colour, texture and size with one of
-  :data:`OBJECT_TEMPLATES` ("a photo of a red striped star5.", "a small gear on a noisy
-  background.", ...), and
-* optionally one **scene** pair (the whole image resized) with a caption counting what is in
-  it ("a triangle and two circles.").
+  to ``crop_size``), captioned from its class (60% of the time the shape alone,
+  :data:`SHAPE_TEMPLATES`: "a gear.", "a small gear on a noisy background.") or with its
+  colour, texture and size (:data:`ATTRIBUTE_TEMPLATES`: "a photo of a red striped
+  star5."), and
+* for every second scene (configurable), one **scene** pair (the whole image resized) with
+  a caption counting what is in it ("a triangle and two circles.").
 
-All 20 classes appear, novel ones included: the corpus plays the role of the teacher's
+30% of the scenes are "clean" (:data:`CLEAN_CONFIG`: a few solid objects, no clutter),
+the rest look exactly like the detection world. All 20 classes appear, novel ones included: the corpus plays the role of the teacher's
 pretraining data, not of the few-shot detection data (a web-trained CLIP has seen "gear"
 too). Generation is deterministic in ``seed`` and cheap (about 10 ms per scene).
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import io
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -35,8 +37,8 @@ from catalog.shapes import CLASS_NAMES
 from catalog.synthetic import WorldConfig, render_scene
 
 __all__ = [
-    "CaptionedImage", "OBJECT_TEMPLATES", "SCENE_TEMPLATES", "TEXTURE_WORDS", "SYNONYMS",
-    "CORPUS_STREAM", "corpus_rng", "crop_box", "size_word", "object_caption", "scene_caption",
+    "CaptionedImage", "OBJECT_TEMPLATES", "SHAPE_TEMPLATES", "ATTRIBUTE_TEMPLATES", "SCENE_TEMPLATES", "TEXTURE_WORDS", "SYNONYMS",
+    "CORPUS_STREAM", "CLEAN_CONFIG", "corpus_rng", "crop_box", "size_word", "object_caption", "scene_caption",
     "iter_captioned", "captioned_corpus", "class_coverage", "to_uint8_rgb",
 ]
 
@@ -70,24 +72,37 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 }
 
 # {a} is the article ("a"/"an") of what follows; {colour} {texture} {size} may be empty.
-OBJECT_TEMPLATES: tuple[str, ...] = (
-    "a photo of {a} {colour} {texture} {shape}.",
+# Captions name the shape alone most of the time: the classes differ only by shape, and a
+# corpus where colour words dominate teaches colour first (a teacher trained that way on a
+# CPU budget ranked crops by colour, not by shape).
+SHAPE_TEMPLATES: tuple[str, ...] = (
     "{a} {shape}.",
-    "{a} {colour} {shape}.",
-    "{a} {texture} {shape}.",
-    "{a} {size} {shape} on a noisy background.",
     "a photo of {a} {shape}.",
     "{a} {shape} shape.",
+    "a close-up of {a} {shape}.",
+    "a drawing of {a} {shape}.",
+    "{a} {size} {shape} on a noisy background.",
+)
+ATTRIBUTE_TEMPLATES: tuple[str, ...] = (
+    "a photo of {a} {colour} {texture} {shape}.",
+    "{a} {colour} {shape}.",
+    "{a} {texture} {shape}.",
     "{a} {colour} {shape} among clutter.",
     "a drawing of {a} {size} {colour} {shape}.",
-    "a close-up of {a} {shape}.",
 )
+OBJECT_TEMPLATES: tuple[str, ...] = SHAPE_TEMPLATES + ATTRIBUTE_TEMPLATES
 
 SCENE_TEMPLATES: tuple[str, ...] = (
     "{list}.",
     "a scene with {list}.",
     "a picture of {list}.",
 )
+
+# The "clean" part of the corpus (product-photo-like): one to three solid objects on a plain
+# background, no clutter. Clear silhouettes let a tower trained from scratch find shape
+# features early; the cluttered, textured scenes then teach it to find them in the world.
+CLEAN_CONFIG = WorldConfig(min_objects=1, max_objects=3, max_clutter=0, textures=("solid",),
+                           backgrounds=("gradient", "noise"), extra_lines=0.0, max_noise=2.0)
 
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -185,8 +200,13 @@ def _shape_word(category: str, rng: np.random.Generator, synonym_prob: float) ->
 
 def object_caption(category: str, rng: np.random.Generator, *, colour: str = "",
                    texture: str = "", size: str = "", synonym_prob: float = 0.15,
-                   templates: Sequence[str] = OBJECT_TEMPLATES) -> str:
-    """A caption for one object crop, from a random template; empty attributes drop out."""
+                   plain_prob: float = 0.6, templates: Sequence[str] | None = None) -> str:
+    """A caption for one object crop; empty attributes drop out.
+
+    The template is drawn from :data:`SHAPE_TEMPLATES` with probability ``plain_prob``,
+    else from :data:`ATTRIBUTE_TEMPLATES` (or uniformly from ``templates`` if given)."""
+    if templates is None:
+        templates = SHAPE_TEMPLATES if rng.random() < plain_prob else ATTRIBUTE_TEMPLATES
     template = templates[int(rng.integers(0, len(templates)))]
     shape = _shape_word(category, rng, synonym_prob)
     words = {"colour": colour, "texture": TEXTURE_WORDS.get(texture, texture), "size": size,
@@ -232,8 +252,10 @@ def scene_caption(categories: Sequence[str], rng: np.random.Generator, *,
 
 def _scene_pairs(seed: int, index: int, config: WorldConfig, crop_size: int, context: float,
                  jitter: float, scene_captions: bool, synonym_prob: float,
-                 min_box: float) -> list[CaptionedImage]:
+                 min_box: float, plain_prob: float, clean_fraction: float) -> list[CaptionedImage]:
     rng = corpus_rng(seed, index)
+    if clean_fraction > 0 and np.random.default_rng([int(seed), CORPUS_STREAM, int(index), 1]).random() < clean_fraction:
+        config = replace(CLEAN_CONFIG, width=config.width, height=config.height)
     scene = render_scene(rng, config)
     side = min(config.width, config.height)
     out: list[CaptionedImage] = []
@@ -247,7 +269,8 @@ def _scene_pairs(seed: int, index: int, config: WorldConfig, crop_size: int, con
         crop = crop_box(scene.image, obj.box, size=crop_size, context=context, jitter=jitter,
                         rng=rng)
         attrs = {"colour": obj.colour, "texture": obj.texture, "size": size_word(obj.box, side)}
-        caption = object_caption(obj.category, rng, synonym_prob=synonym_prob, **attrs)
+        caption = object_caption(obj.category, rng, synonym_prob=synonym_prob,
+                                 plain_prob=plain_prob, **attrs)
         out.append(CaptionedImage(crop, caption, "object", obj.category, attrs))
     if scene_captions and present:
         whole = np.asarray(Image.fromarray(scene.image).resize((crop_size, crop_size),
@@ -260,17 +283,23 @@ def _scene_pairs(seed: int, index: int, config: WorldConfig, crop_size: int, con
 
 def iter_captioned(seed: int = 0, n_scenes: int | None = None, *, start: int = 0,
                    crop_size: int = 64, context: float = 0.2, jitter: float = 0.15,
-                   scene_captions: bool = True, synonym_prob: float = 0.15,
-                   min_box: float = 6.0, image_size: int = 160,
+                   scene_captions: bool | int = 2, synonym_prob: float = 0.15,
+                   plain_prob: float = 0.6, clean_fraction: float = 0.3, min_box: float = 6.0,
+                   image_size: int = 160,
                    config: WorldConfig | None = None) -> Iterator[CaptionedImage]:
     """Corpus pairs scene by scene (scenes ``start``, ``start + 1``, ... ``n_scenes`` of them,
-    or forever when ``n_scenes`` is None). Each scene gives its object crops, then (when
-    ``scene_captions``) the whole-scene pair. Deterministic in all arguments."""
+    or forever when ``n_scenes`` is None). Each scene gives its object crops, then the
+    whole-scene pair: for every scene if ``scene_captions`` is True, for every n-th scene
+    if it is an int n (default 2), never if False/0. ``plain_prob``: share of object
+    captions that name the shape alone. ``clean_fraction``: share of scenes rendered with
+    :data:`CLEAN_CONFIG` instead of ``config``. Deterministic in all arguments."""
     config = config or WorldConfig.square(image_size)
+    every = 1 if scene_captions is True else int(scene_captions)
     index = start
     while n_scenes is None or index < start + n_scenes:
+        with_scene = every > 0 and index % every == 0
         yield from _scene_pairs(seed, index, config, crop_size, context, jitter,
-                                scene_captions, synonym_prob, min_box)
+                                with_scene, synonym_prob, min_box, plain_prob, clean_fraction)
         index += 1
 
 

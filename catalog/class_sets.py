@@ -140,19 +140,15 @@ def _dir(catalog) -> Path:
 
 
 def save_class_set(catalog, cs: ClassSet) -> Path:
-    """Write ``cs`` (atomically) to the catalog; saving an identical set again is a no-op.
+    """Write ``cs`` (atomically) to the catalog and return its path.
 
-    Raises ValueError when the id is stored with a different parent."""
+    The id names the ordered class list, so a set already stored under the id is kept as
+    is: saving again is a no-op, even when the same list was reached through another
+    parent (the first lineage recorded wins; model versions carry their own parent tag).
+    """
     path = _dir(catalog) / f"{cs.id}.json"
     if path.is_file():
-        stored = load_class_set(catalog, cs.id)
-        if stored == cs:
-            return path
-        if stored.parent != cs.parent:
-            raise ValueError(
-                f"class set {cs.id} is already stored with parent {stored.parent!r}, "
-                f"not {cs.parent!r}"
-            )
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{cs.id}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(cs.to_json(), indent=2))

@@ -4,9 +4,11 @@ One image is one scene: a textured background (low-frequency noise, gradients, r
 lines), then 1-6 annotated objects from the 20 shape classes of :mod:`catalog.shapes`
 and 0-4 clutter objects (blobs, irregular polygons, scribbles; never annotated), drawn in a
 random order so that later objects may partly cover earlier ones. Every instance gets an
-independent colour (from a named palette, jittered), size (log-uniform, ~10 to ~80 px on a
-160 px image), rotation, aspect (0.7-1.4) and texture (solid, stripes, dots, checker,
-gradient, noise), so that only the *shape* identifies the class.
+independent colour (from a named palette, jittered), size (~10 to ~80 px on a 160 px
+image, on a log scale skewed a little toward larger sizes), rotation, aspect (0.7-1.4) and
+texture (solid, stripes, dots, checker, gradient, noise), so that only the *shape*
+identifies the class. :meth:`WorldConfig.preset` ``"easy"`` drops clutter, busy backgrounds
+and two-tone textures for runs that get very little training.
 
 A placement that would leave an already-placed annotated object with less than
 ``1 - max_occlusion`` of its pixels visible is rejected and re-drawn elsewhere. Boxes are
@@ -30,10 +32,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from catalog.shapes import CLASS_NAMES, Outline, Polygon, Stroke, clutter_outline, shape_outline
+from catalog.shapes import CLASS_NAMES, Outline, Stroke, clutter_outline, shape_outline
 
 __all__ = [
-    "WorldConfig", "SceneObject", "Scene", "PALETTE", "TEXTURES", "SPLIT_CODES",
+    "WorldConfig", "PRESETS", "SceneObject", "Scene", "PALETTE", "TEXTURES", "BACKGROUNDS",
+    "SPLIT_CODES",
     "image_rng", "render_scene", "generate_row", "encode_png", "draw_boxes",
 ]
 
@@ -72,6 +75,7 @@ class WorldConfig:
     max_clutter: int = 4          # clutter objects per image: 0..max_clutter
     min_size: float = 10.0        # object extent (longer side, before rotation) in px,
     max_size: float = 80.0        # for a 160 px image; scaled with the image size
+    size_skew: float = 0.8        # log-size = lo + (hi - lo) * u**size_skew; < 1 favours large
     min_aspect: float = 0.7
     max_aspect: float = 1.4
     max_occlusion: float = 0.4    # an annotated object keeps >= 60% of its pixels visible
@@ -80,11 +84,22 @@ class WorldConfig:
     textures: tuple[str, ...] = TEXTURES        # object textures drawn from
     backgrounds: tuple[str, ...] = BACKGROUNDS  # background kinds drawn from
     extra_lines: float = 0.25     # chance of random lines on a non-"lines" background
-    texture_contrast: tuple[float, float] = (0.45, 0.7)  # second tone of two-tone textures
+    texture_contrast: tuple[float, float] = (0.35, 0.6)  # second tone of two-tone textures
 
     @classmethod
     def square(cls, image_size: int, **kw) -> "WorldConfig":
         return cls(width=int(image_size), height=int(image_size), **kw)
+
+    @classmethod
+    def preset(cls, name: str, image_size: int = 160) -> "WorldConfig":
+        """``default``: every nuisance of the product spec. ``easy``: solid colours and
+        gradients only, no clutter, plain gradient backgrounds, 1-4 objects of 16-80 px;
+        for smoke tests and demos whose from-scratch detector gets only a few hundred steps."""
+        try:
+            overrides = PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown world preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        return cls.square(image_size, **overrides)
 
     def size_range(self) -> tuple[float, float]:
         """Object size range in px, scaled from the 160 px reference to this image size."""
@@ -98,6 +113,15 @@ class WorldConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "WorldConfig":
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "easy": {
+        "textures": ("solid", "gradient"), "backgrounds": ("gradient",), "extra_lines": 0.0,
+        "max_clutter": 0, "max_objects": 4, "min_size": 16.0, "max_noise": 3.0,
+    },
+}
 
 
 @dataclass
@@ -139,6 +163,20 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     except KeyError:
         raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLIT_CODES)}") from None
     return np.random.default_rng([int(seed), code, int(index)])
+
+
+_NOISE_TILE = np.random.default_rng(20240917).standard_normal((512, 512), dtype=np.float32)
+
+
+def _gaussian_noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Standard normal (h, w) noise: a randomly placed, flipped window of a fixed tile
+    (drawing fresh normals per image is the slowest step of rendering)."""
+    th, tw = _NOISE_TILE.shape
+    if h > th or w > tw:
+        return rng.standard_normal((h, w), dtype=np.float32)
+    y, x = int(rng.integers(0, th - h + 1)), int(rng.integers(0, tw - w + 1))
+    sy, sx = (1, -1)[int(rng.integers(0, 2))], (1, -1)[int(rng.integers(0, 2))]
+    return _NOISE_TILE[y:y + h, x:x + w][::sy, ::sx]
 
 
 # ---- background --------------------------------------------------------------------------
@@ -208,7 +246,7 @@ def _texture(rng: np.random.Generator, kind: str, col: np.ndarray, h: int, w: in
     if kind == "solid":
         return np.broadcast_to(col, (h, w, 3))
     if kind == "noise":
-        return col[None, None] + rng.normal(0, 28, size=(h, w, 1)).astype(np.float32)
+        return col[None, None] + 28.0 * _gaussian_noise(rng, h, w)[..., None]
     col2 = _shade(col, rng, contrast)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     a = rng.uniform(0, np.pi)
@@ -240,28 +278,35 @@ def _transform(points: np.ndarray, half: float, aspect: float, rot: float) -> np
     return np.stack([c * x - s * y, s * x + c * y], axis=1)
 
 
-def _rasterize(outline: Outline, half: float, aspect: float, rot: float, cx: float, cy: float,
-               w: int, h: int):
-    """Draw the outline at (cx, cy); returns the (x0, y0, x1, y1) patch and its bool mask."""
+def _pose(outline: Outline, half: float, aspect: float, rot: float):
+    """Transform the outline's parts about the origin: (parts, lo, hi, pad) where lo/hi bound
+    the drawn (additive) parts and pad is half the widest stroke."""
     parts = []
     lo = np.array([np.inf, np.inf])
     hi = -lo
     pad = 1.0
     for p in outline.parts:
-        q = _transform(p.points, half, aspect, rot) + (cx, cy)
+        q = _transform(p.points, half, aspect, rot)
         parts.append((p, q))
         if isinstance(p, Stroke) or p.add:
             lo, hi = np.minimum(lo, q.min(0)), np.maximum(hi, q.max(0))
         if isinstance(p, Stroke):
             pad = max(pad, p.width * half)
-    x0, y0 = max(int(math.floor(lo[0] - pad)), 0), max(int(math.floor(lo[1] - pad)), 0)
-    x1, y1 = min(int(math.ceil(hi[0] + pad)) + 1, w), min(int(math.ceil(hi[1] + pad)) + 1, h)
+    return parts, lo, hi, pad
+
+
+def _rasterize(posed, half: float, cx: float, cy: float, w: int, h: int):
+    """Draw posed parts at (cx, cy); returns the (x0, y0, x1, y1) patch and its bool mask."""
+    parts, lo, hi, pad = posed
+    x0, y0 = max(int(math.floor(cx + lo[0] - pad)), 0), max(int(math.floor(cy + lo[1] - pad)), 0)
+    x1 = min(int(math.ceil(cx + hi[0] + pad)) + 1, w)
+    y1 = min(int(math.ceil(cy + hi[1] + pad)) + 1, h)
     if x1 <= x0 or y1 <= y0:
         return (0, 0, 0, 0), np.zeros((0, 0), bool)
     pil = Image.new("L", (x1 - x0, y1 - y0), 0)
     draw = ImageDraw.Draw(pil)
     for p, q in parts:
-        pts = [(float(a - x0), float(b - y0)) for a, b in q]
+        pts = (q + (cx - x0, cy - y0)).ravel().tolist()
         if isinstance(p, Stroke):
             draw.line(pts, fill=255, width=max(1, int(round(p.width * half))), joint="curve")
         else:
@@ -300,15 +345,15 @@ def render_scene(rng: np.random.Generator, config: WorldConfig = WorldConfig()) 
         texture = config.textures[int(rng.integers(0, len(config.textures)))]
         placed = None
         for _ in range(config.placement_tries):
-            size = math.exp(rng.uniform(log_lo, log_hi))
+            size = math.exp(log_lo + (log_hi - log_lo) * rng.random() ** config.size_skew)
             aspect = math.exp(rng.uniform(math.log(config.min_aspect), math.log(config.max_aspect)))
             rot = rng.uniform(0, 2 * math.pi)
             # centre the object so that its rotated extent stays inside the image
-            ext = np.concatenate([_transform(p.points, size / 2, aspect, rot) for p in outline.parts])
-            elo, ehi = ext.min(0), ext.max(0)
+            posed = _pose(outline, size / 2, aspect, rot)
+            elo, ehi = posed[1], posed[2]
             cx = rng.uniform(-elo[0], max(w - ehi[0], -elo[0] + 1e-3))
             cy = rng.uniform(-elo[1], max(h - ehi[1], -elo[1] + 1e-3))
-            patch, mask = _rasterize(outline, size / 2, aspect, rot, cx, cy, w, h)
+            patch, mask = _rasterize(posed, size / 2, cx, cy, w, h)
             area = int(mask.sum())
             if area < 12:
                 continue
@@ -331,9 +376,8 @@ def render_scene(rng: np.random.Generator, config: WorldConfig = WorldConfig()) 
         size, aspect, rot, patch, mask, area = placed
         x0, y0, x1, y1 = patch
         tex = _texture(rng, texture, colour, y1 - y0, x1 - x0, size, config.texture_contrast)
-        region = canvas[y0:y1, x0:x1]
-        region[mask] = tex[mask]
-        owner[y0:y1, x0:x1][mask] = len(objects)
+        np.copyto(canvas[y0:y1, x0:x1], tex, where=mask[..., None])
+        np.copyto(owner[y0:y1, x0:x1], len(objects), where=mask)
         objects.append(SceneObject(
             category=category, kind=name, colour=colour_name, texture=texture, size=size,
             aspect=aspect, rotation=math.degrees(rot), full_area=area, _patch=patch,
@@ -353,7 +397,7 @@ def render_scene(rng: np.random.Generator, config: WorldConfig = WorldConfig()) 
 
     sigma = rng.uniform(0, config.max_noise)
     if sigma > 0.5:
-        canvas += rng.standard_normal((h, w, 1), dtype=np.float32) * sigma
+        canvas += (sigma * _gaussian_noise(rng, h, w))[..., None]
     image = np.clip(canvas, 0, 255).astype(np.uint8)
     return Scene(image=image, objects=objects, owner=owner)
 

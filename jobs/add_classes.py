@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
-    p.add_argument("--freeze", default="backbone", choices=POLICIES,
-                   help="what stays frozen: backbone (+RPN), head (all but the new rows), none")
+    p.add_argument("--freeze", default="head", choices=POLICIES,
+                   help="what trains: head = only the new classifier rows (old classes untouched), "
+                        "backbone = box head and regressor too (backbone and RPN frozen), none = all")
     p.add_argument("--no-replay", action="store_true",
                    help="fine-tune on the novel shots only (no replay exemplars of old classes)")
     p.add_argument("--max-base-drop", type=float, default=0.05,

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "it (default: 160)")
     p.add_argument("--seed", type=int, default=0,
                    help="generation seed; the same seed gives the same bytes (default: 0)")
+    p.add_argument("--preset", default="default", choices=["default", "easy"],
+                   help="how hard the scenes are: 'default' has every nuisance (textures, "
+                        "clutter, busy backgrounds, 10-80 px objects); 'easy' has solid or "
+                        "gradient objects of 16-80 px on plain gradients, no clutter "
+                        "(default: default)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes rendering in parallel (default: CPUs available, max 8)")
     p.add_argument("--overwrite", action="store_true",
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from catalog.store import Catalog
+    from catalog.synthetic import WorldConfig
     from catalog.world import build_world
 
     catalog = Catalog(args.catalog)
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             catalog, args.name, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
             image_size=args.image_size, seed=args.seed, overwrite=args.overwrite,
             progress=not args.no_progress, workers=args.workers,
+            config=WorldConfig.preset(args.preset, args.image_size),
         )
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -65,6 +65,11 @@ def test_save_load_list_round_trip(tmp_path):
     assert load_class_set(cat, base.id) == base
     assert list_class_sets(cat) == sorted([base, child], key=lambda c: c.id)
     assert list_class_sets(cat, dataset="other") == []
+    # the same list reached through another parent keeps the first stored lineage
+    other = make_class_set("d", ["a", "b", "c"], parent="cs-elsewhere")
+    assert other.id == child.id
+    save_class_set(cat, other)
+    assert load_class_set(cat, child.id).parent == base.id
     with pytest.raises(ClassSetNotFound, match="cs-nope"):
         load_class_set(cat, "cs-nope")
 

@@ -54,6 +54,10 @@ def test_lambda_zero_returns_detector_scores_unchanged():
     assert [d["score"] for d in out_list] == [0.9, 0.5, 0.3]
     labels, scores = fuse_scores(det["scores"], det["labels"], torch.rand(3, 3), 0.0)
     assert torch.equal(labels, det["labels"]) and torch.equal(scores, det["scores"])
+    # even with full score vectors that disagree with the labels, lambda 0 changes nothing
+    det["class_scores"] = torch.tensor([[0.9, 0.05, 0.05]] * 3)
+    out = _refiner(0.0).refine(None, det)
+    assert torch.equal(out["labels"], det["labels"]) and torch.equal(out["scores"], det["scores"])
 
 
 def test_lambda_one_ranks_by_clip():

@@ -182,3 +182,25 @@ def test_cli_help_and_build(tmp_path, capsys):
     assert Catalog(tmp_path).manifest("w").info["image_size"] == 64
     assert cli.main(args) == 0  # reused
     assert cli.main(args[:5] + ["6"] + args[6:]) == 2  # exists with other parameters
+
+
+def test_presets_and_config_round_trip():
+    easy = WorldConfig.preset("easy", 128)
+    assert (easy.width, easy.height) == (128, 128) and easy.max_clutter == 0
+    assert WorldConfig.from_dict(easy.to_dict()) == easy
+    with pytest.raises(ValueError, match="unknown world preset"):
+        WorldConfig.preset("impossible")
+    scene = render_scene(image_rng(0, "train", 0), easy)
+    assert all(o.category is not None for o in scene.objects)  # no clutter
+    assert {o.texture for o in scene.objects} <= {"solid", "gradient"}
+
+
+def test_clutter_is_drawn_but_never_annotated():
+    cfg = WorldConfig()
+    clutter = 0
+    for i in range(30):
+        scene = render_scene(image_rng(5, "train", i), cfg)
+        row_cats = [o.category for o in scene.annotations]
+        clutter += sum(o.category is None for o in scene.objects)
+        assert None not in row_cats
+    assert clutter > 10

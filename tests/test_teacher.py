@@ -245,6 +245,6 @@ def test_pretrain_job_registers_the_teacher(tmp_path, monkeypatch):
                                        {"zs_top1_all": 0.5, "nan": float("nan")}, [2.0, 1.0])
     assert version == "2"
     mv = MlflowClient(uri, uri).get_model_version_by_alias(job.DEFAULT_REGISTERED_NAME, "champion")
-    assert mv.version == "2" and mv.tags["teacher_spec"] == spec and mv.tags["zs_top1_all"] == "0.5000"
+    assert str(mv.version) == "2" and mv.tags["teacher_spec"] == spec and mv.tags["zs_top1_all"] == "0.5000"
     local = job.download_registered_teacher(uri, dst=str(tmp_path / "dl"))
     assert local.startswith("embedded:") and open(local[len("embedded:"):], "rb").read() == b"weights"

@@ -4,7 +4,7 @@ Order matters so that bad input loses nothing: every check (known classes, not a
 the served class set, enough annotated instances for K shots) runs before anything is
 written. Then: load ``models:/NAME@champion``, imprint one classifier row per new class from
 its support boxes, fine-tune on the K-shot novel set plus K replay exemplars of every existing
-class with the backbone frozen (Ray Train), evaluate parent and child on the test split
+class with everything but the new rows frozen by default (Ray Train), evaluate parent and child on the test split
 (pycocotools), register version N+1 with ``parent_version``, and move ``champion`` only if the
 base classes' AP50 dropped by no more than ``max_base_drop``; otherwise the version gets
 ``candidate`` and the reason is printed and tagged.
@@ -48,7 +48,7 @@ class AddClassesOptions:
     dataset: str | None = None  # default: the champion's dataset
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=150, batch_size=8, lr=5e-4, warmup_steps=20, log_every=10))
-    freeze: str = "backbone"
+    freeze: str = "head"
     replay: bool = True
     max_base_drop: float = 0.05
     num_workers: int = 1
@@ -171,7 +171,9 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
     model = parent_ckpt.build_model()
     index = class_index(child_ids)
     images, targets = rows_to_batch(novel_rows, index)
-    expand_detector(model, images, targets, num_new=len(plan.new_classes))
+    replay_images, replay_targets = rows_to_batch(replay_rows, index)
+    expand_detector(model, images, targets, num_new=len(plan.new_classes),
+                    center_images=replay_images, center_targets=replay_targets)
     init_path = save_checkpoint(work / "init.pt", model, parent_ckpt.config, child_classes,
                                 child_ids, plan.dataset, class_set.id, parent_ckpt.extra)
 

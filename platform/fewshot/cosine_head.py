@@ -61,15 +61,26 @@ class CosineClassifier(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def imprint_rows(features: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """One imprinted row per class in ``classes``: normalised mean of its normalised features."""
+def imprint_rows(features: torch.Tensor, labels: torch.Tensor, classes: list[int],
+                 center: torch.Tensor | None = None) -> torch.Tensor:
+    """One imprinted row per class in ``classes``: normalised mean of its normalised features.
+
+    ``center`` (optional, [D]) is subtracted from the class mean before normalising. RoI
+    features after the box head's ReLU all lie in the positive orthant, so a plain class mean
+    has a high cosine with *every* RoI and the new row out-scores the old classes on their own
+    objects; the mean over all support boxes (old classes included) removes that shared part
+    and leaves what is specific to the class.
+    """
     rows = []
     normed = F.normalize(features, dim=1)
     for c in classes:
         sel = normed[labels == c]
         if sel.numel() == 0:
             raise ValueError(f"no support RoI feature for class index {c}")
-        rows.append(F.normalize(sel.mean(dim=0), dim=0))
+        mean = sel.mean(dim=0)
+        if center is not None:
+            mean = mean - center
+        rows.append(F.normalize(mean, dim=0))
     return torch.stack(rows)
 
 

@@ -8,6 +8,7 @@ the frozen block unchanged (see ``fewshot.cosine_head``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fewshot.cosine_head import imprint_rows
@@ -36,15 +37,23 @@ def expand_detector(
     support_images: list[torch.Tensor],
     support_targets: list[dict[str, torch.Tensor]],
     num_new: int,
+    center_images: list[torch.Tensor] | None = None,
+    center_targets: list[dict[str, torch.Tensor]] | None = None,
 ) -> list[int]:
     """Append ``num_new`` classes; their support labels must be old_count+1 .. old_count+num_new.
 
-    Returns the new model labels.
+    ``center_images``/``center_targets`` (e.g. the replay exemplars of the old classes): their
+    box features and the support's give the mean that imprinting subtracts (see
+    ``imprint_rows``). Returns the new model labels.
     """
     classifier = model.roi_heads.box_predictor.cls_score
     first = classifier.num_classes  # background + existing classes: next label index
     new_labels = list(range(first, first + num_new))
     feats, labels = support_roi_features(model, support_images, support_targets)
-    rows = imprint_rows(feats, labels, new_labels)
+    center = None
+    if center_images:
+        other, _ = support_roi_features(model, center_images, center_targets)
+        center = F.normalize(torch.cat([feats, other]), dim=1).mean(dim=0)
+    rows = imprint_rows(feats, labels, new_labels, center=center)
     classifier.expand(rows)
     return new_labels

@@ -3,9 +3,12 @@
 Policies (``--freeze``):
 - ``none``: everything trains (base training from scratch).
 - ``backbone``: backbone and RPN frozen; the RoI box head, the new classifier rows and the
-  class-agnostic box regressor train. The default for few-shot fine-tuning: the features that
-  every old class relies on stay fixed, as in TFA's fine-tuning stage (Wang et al. 2020).
-- ``head``: only the new classifier rows train (TFA's "last layer only" setting, strictest).
+  class-agnostic box regressor train.
+- ``head``: only the new classifier rows train (TFA's "last layer only" setting, Wang et al.
+  2020). The default for few-shot fine-tuning: every feature the old classes rely on stays
+  fixed. Measured on the embedded world (split1, 10 shots, 150 steps, 150 test images):
+  ``head`` kept base AP50 at 0.111 (parent 0.14) with novel AP50 0.149, while ``backbone``
+  dropped base AP50 to 0.067 with novel AP50 near 0.
 
 The classifier's old rows are frozen by construction in every policy (``weight_old``).
 """

@@ -166,7 +166,6 @@ def fit(
     every CPU, and a lazily read dataset would wait forever for a CPU to run its read tasks.
     """
     spec.threads_per_worker = cpus_per_worker
-    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = dataset.materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -207,3 +206,5 @@ def ensure_ray(address: str | None = None) -> None:
     if env.startswith(("http://", "https://")):
         os.environ.pop("RAY_ADDRESS")
     ray.init(address=address, log_to_driver=True)
+    # Job logs show the training bar; Ray Data's per-operator bars would bury it.
+    ray.data.DataContext.get_current().enable_progress_bars = False

@@ -61,13 +61,14 @@ def fuse_scores(scores: torch.Tensor, labels: torch.Tensor, clip_probs: torch.Te
     ``labels`` are model labels 1..C (0 is background; column ``label - 1`` of
     ``clip_probs`` [n, C] is that class). With ``class_scores`` [n, C] (the detector's
     foreground class probabilities) the vectors are fused and the arg-max is taken;
-    otherwise only the detected label's score is fused."""
+    otherwise only the detected label's score is fused. A fusion weight of 0 returns the
+    detector's labels and scores unchanged."""
     lam = float(fusion_weight)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"fusion weight must be in [0, 1], got {lam}")
+    if lam == 0.0 or scores.numel() == 0:
+        return labels, scores.clone()
     scores = scores.float()
-    if scores.numel() == 0:
-        return labels, scores
     probs = clip_probs.float().to(scores.device)
     if class_scores is not None:
         fused = (1.0 - lam) * class_scores.float().to(scores.device) + lam * probs
@@ -75,8 +76,6 @@ def fuse_scores(scores: torch.Tensor, labels: torch.Tensor, clip_probs: torch.Te
         return idx + 1, best
     cols = (labels.long() - 1).clamp(min=0, max=probs.shape[1] - 1)
     p = probs.gather(1, cols.view(-1, 1)).squeeze(1)
-    if lam == 0.0:
-        return labels, scores.clone()
     return labels, (1.0 - lam) * scores + lam * p
 
 
@@ -260,7 +259,7 @@ class Refiner:
         out = dict(det)
         if boxes.shape[0] == 0:
             return out
-        if lam == 0.0 and det.get("class_scores") is None:
+        if lam == 0.0:  # exactly the detector's output (only re-sorted)
             new_labels, new_scores = labels, scores.clone()
         else:
             probs = self.clip_probs(image, boxes).to(scores.device)

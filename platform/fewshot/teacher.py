@@ -32,11 +32,13 @@ Every embedding this module returns is L2-normalised and detached, on the CPU, f
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -196,6 +198,7 @@ def register_model_config(name: str, cfg: dict) -> str:
                 return name
         if _CONFIG_DIR is None:
             _CONFIG_DIR = Path(tempfile.mkdtemp(prefix="fewshot-openclip-cfg-"))
+            atexit.register(shutil.rmtree, _CONFIG_DIR, True)  # registered configs stay in memory
         path = _CONFIG_DIR / f"{name}.json"
         path.write_text(json.dumps(cfg, indent=2))
         open_clip.add_model_config(path)

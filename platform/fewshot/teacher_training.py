@@ -11,7 +11,9 @@ One explicit loop you can read top to bottom (:func:`train_embedded_teacher`): r
 fixed pool of corpus pairs once, then every step sample a batch, rotate each image by a
 random multiple of 90 degrees (a shape's class does not change with rotation), draw a fresh
 caption for each pair from the templates (caption augmentation), take an AdamW step with
-warmup and cosine decay, and clamp the logit scale at 100 as CLIP does.
+warmup and cosine decay, and clamp the logit scale at 100 as CLIP does. Images whose
+fresh caption names no colour get their RGB channels shuffled half of the time (the
+caption stays true), which keeps colour from being the cheapest way to match captions.
 
 Math layer: no ray, no mlflow. :func:`zero_shot_accuracy` is the figure the pretraining
 job reports: top-1 of crops classified by their nearest class prompt embedding.
@@ -60,7 +62,7 @@ class CorpusPool:
                    captions=[p.caption for p in pairs])
 
     def draw_captions(self, indices: Sequence[int], rng: np.random.Generator,
-                      synonym_prob: float = 0.15) -> list[str]:
+                      synonym_prob: float = 0.15, plain_prob: float = 0.6) -> list[str]:
         """A freshly drawn caption for each pair (another template, same facts)."""
         out = []
         for i in indices:
@@ -69,7 +71,7 @@ class CorpusPool:
                 a = self.attributes[i]
                 out.append(object_caption(self.categories[i], rng, colour=a.get("colour", ""),
                                           texture=a.get("texture", ""), size=a.get("size", ""),
-                                          synonym_prob=synonym_prob))
+                                          synonym_prob=synonym_prob, plain_prob=plain_prob))
             else:
                 counts = self.attributes[i].get("counts", {})
                 names = [n for n, k in counts.items() for _ in range(int(k))]
@@ -78,7 +80,7 @@ class CorpusPool:
 
 
 def build_corpus_pool(n_pairs: int, seed: int = 0, crop_size: int = 64,
-                      scene_captions: bool = True) -> CorpusPool:
+                      scene_captions: bool | int = 2) -> CorpusPool:
     """Render ``n_pairs`` corpus pairs (about 3 ms each) into a :class:`CorpusPool`."""
     return CorpusPool.from_pairs(captioned_corpus(n_pairs, seed=seed, crop_size=crop_size,
                                                   scene_captions=scene_captions))
@@ -106,16 +108,24 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return _CLIP_LOSS(image_features, text_features, logit_scale)
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    # open_clip's training recipe: no decay on gains, biases, norms and the logit scale
+def _param_groups(model, weight_decay: float, text_lr_scale: float = 1.0) -> list[dict]:
+    # open_clip's training recipe: no decay on gains, biases, norms and the logit scale;
+    # "lr_scale" multiplies the scheduled learning rate of a group (the text tower's)
     def exclude(n, p):
         return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
 
+    def is_text(n):
+        return not n.startswith("visual.") and n != "logit_scale"
+
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
-    ]
+    groups = []
+    for text in (False, True):
+        for decay in (False, True):
+            params = [p for n, p in named if is_text(n) == text and exclude(n, p) != decay]
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                               "lr_scale": text_lr_scale if text else 1.0})
+    return groups
 
 
 def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
@@ -128,6 +138,18 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.Optimizer:
 
 def _normalise(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (x_uint8.float().div_(255.0) - mean) / std
+
+
+def _colour_mentioned(caption: str, attrs: dict) -> bool:
+    colour = attrs.get("colour")
+    return bool(colour) and colour in caption.split(" ")
+
+
+def _shuffle_channels(x: torch.Tensor, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """Random RGB channel permutations of images ``rows`` (colour changes, shape does not)."""
+    for i in rows:
+        x[int(i)] = x[int(i)][torch.from_numpy(rng.permutation(3))]
+    return x
 
 
 def _rotate90(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -152,20 +174,26 @@ def train_embedded_teacher(
     warmup: int | None = None,
     corpus_pairs: int = 8000,
     corpus: CorpusPool | None = None,
-    scene_captions: bool = True,
+    scene_captions: bool | int = 2,
     model_cfg: dict | None = None,
     model_name: str = EMBEDDED_MODEL_NAME,
     threads: int | None = None,
     max_logit_scale: float = 100.0,
     log_every: int = 25,
     augment: bool = True,
+    init_logit_scale: float | None = None,
+    text_lr_scale: float = 1.0,
+    plain_prob: float = 0.6,
 ) -> tuple[Teacher, dict]:
     """Train the embedded teacher from scratch; return it (frozen, as a :class:`Teacher`)
     and metrics (losses at the start and end, timings, in-batch retrieval accuracy).
 
     ``corpus`` (a :class:`CorpusPool`) replaces rendering ``corpus_pairs`` fresh pairs.
     ``augment=False`` turns off the random 90-degree rotations and caption redrawing (each
-    pair keeps the caption it was rendered with).
+    pair keeps the caption it was rendered with). ``init_logit_scale`` starts the learnable
+    logit scale (1 / temperature) at that value instead of open_clip's 1/0.07;
+    ``text_lr_scale`` multiplies the text tower's learning rate; ``plain_prob`` is the share
+    of redrawn object captions that name the shape alone.
     ``progress``: True for a tqdm bar, or a callable ``(step, logs)`` called every
     ``log_every`` steps. ``threads`` sets ``torch.set_num_threads`` for the run (on a
     busy machine one thread can be several times faster than oversubscribed ones).
@@ -187,6 +215,9 @@ def train_embedded_teacher(
         corpus_seconds = time.perf_counter() - t0
 
         model, name = create_embedded_model(cfg, model_name)
+        if init_logit_scale is not None:
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(float(init_logit_scale)))
         from open_clip import get_tokenizer
 
         tokenizer = get_tokenizer(name)
@@ -198,7 +229,8 @@ def train_embedded_teacher(
         if corpus.images.shape[-1] != size:
             raise ValueError(f"corpus images are {corpus.images.shape[-1]} px, model wants {size}")
 
-        opt = _adamw(_param_groups(model, weight_decay), lr)
+        groups = _param_groups(model, weight_decay, text_lr_scale)
+        opt = _adamw(groups, lr)
         warmup = max(1, steps // 20) if warmup is None else int(warmup)
         bar = None
         if progress is True:
@@ -222,13 +254,18 @@ def train_embedded_teacher(
             batch = corpus.images[torch.from_numpy(idx)]
             if augment:
                 batch = _rotate90(batch, rng)
-                captions = corpus.draw_captions(idx, rng)
+                captions = corpus.draw_captions(idx, rng, plain_prob=plain_prob)
+                # a caption that names no colour stays true under a colour change: shuffle
+                # the channels of half of those images, so colour alone cannot match them
+                free = [k for k, i in enumerate(idx)
+                        if not _colour_mentioned(captions[k], corpus.attributes[int(i)])]
+                batch = _shuffle_channels(batch, np.asarray(free)[rng.random(len(free)) < 0.5], rng)
             else:
                 captions = [corpus.captions[i] for i in idx]
             images = _normalise(batch, mean, std)
             texts = tokenizer(captions)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, lr, warmup)
+                g["lr"] = lr_at(step, steps, lr, warmup) * g["lr_scale"]
             img_f = model.encode_image(images, normalize=True)
             txt_f = model.encode_text(texts, normalize=True)
             scale = model.logit_scale.exp()
