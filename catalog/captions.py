@@ -6,7 +6,7 @@ textures, clutter, occlusion), but from their own random streams, so the corpus 
 reproduces an image of the catalog's train/val/test splits. Every scene gives
 
 * one **object crop** per annotated object (the box squared up with some context, resized
-  to ``crop_size``), captioned from its class (60% of the time the shape alone,
+  to ``crop_size``), captioned from its class (90% of the time the shape alone,
   :data:`SHAPE_TEMPLATES`: "a gear.", "a small gear on a noisy background.") or with its
   colour, texture and size (:data:`ATTRIBUTE_TEMPLATES`: "a photo of a red striped
   star5."), and
@@ -73,8 +73,9 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 
 # {a} is the article ("a"/"an") of what follows; {colour} {texture} {size} may be empty.
 # Captions name the shape alone most of the time: the classes differ only by shape, and a
-# corpus where colour words dominate teaches colour first (a teacher trained that way on a
-# CPU budget ranked crops by colour, not by shape).
+# corpus where colour words are common teaches colour first. Measured on 600 CPU steps:
+# with 40% attribute captions the class prompts stayed nearly identical (cosine 0.98) and
+# zero-shot top-1 over the 20 classes was 11%; with 10% it was 24%.
 SHAPE_TEMPLATES: tuple[str, ...] = (
     "{a} {shape}.",
     "a photo of {a} {shape}.",
@@ -200,7 +201,7 @@ def _shape_word(category: str, rng: np.random.Generator, synonym_prob: float) ->
 
 def object_caption(category: str, rng: np.random.Generator, *, colour: str = "",
                    texture: str = "", size: str = "", synonym_prob: float = 0.15,
-                   plain_prob: float = 0.6, templates: Sequence[str] | None = None) -> str:
+                   plain_prob: float = 0.9, templates: Sequence[str] | None = None) -> str:
     """A caption for one object crop; empty attributes drop out.
 
     The template is drawn from :data:`SHAPE_TEMPLATES` with probability ``plain_prob``,
@@ -284,7 +285,7 @@ def _scene_pairs(seed: int, index: int, config: WorldConfig, crop_size: int, con
 def iter_captioned(seed: int = 0, n_scenes: int | None = None, *, start: int = 0,
                    crop_size: int = 64, context: float = 0.2, jitter: float = 0.15,
                    scene_captions: bool | int = 2, synonym_prob: float = 0.15,
-                   plain_prob: float = 0.6, clean_fraction: float = 0.3, min_box: float = 6.0,
+                   plain_prob: float = 0.9, clean_fraction: float = 0.3, min_box: float = 6.0,
                    image_size: int = 160,
                    config: WorldConfig | None = None) -> Iterator[CaptionedImage]:
     """Corpus pairs scene by scene (scenes ``start``, ``start + 1``, ... ``n_scenes`` of them,

@@ -16,7 +16,10 @@ step "1/6 services: Ray head + MLflow server"
 bash infra/start_local.sh
 
 step "2/6 catalog: the embedded synthetic world"
-python jobs/build_dataset.py --catalog "$FEWSHOT_CATALOG"
+python jobs/build_dataset.py --catalog "$FEWSHOT_CATALOG" || {
+  echo "the catalog holds a world made with other generation parameters (an older checkout?)."
+  echo "models in the registry were trained on it: 'make clean-state' starts over from scratch."
+  exit 1; }
 
 champion() {  # prints "version|classes-json" of the champion, or nothing
   python - "$MODEL" <<'PY'

@@ -33,6 +33,10 @@ def test_corpus_is_deterministic_and_covers_every_class():
     assert [p.caption for p in a] == [p.caption for p in b]
     assert all(np.array_equal(p.image, q.image) for p, q in zip(a, b))
     assert [p.caption for p in captioned_corpus(50, seed=4)] != [p.caption for p in a[:50]]
+    whole = [p.caption for p in iter_captioned(3, n_scenes=8)]
+    parts = [p.caption for p in iter_captioned(3, n_scenes=4)] + \
+        [p.caption for p in iter_captioned(3, n_scenes=4, start=4)]
+    assert whole == parts  # scenes are independent: any range can be rendered on its own
     coverage = class_coverage(a)
     assert set(coverage) == set(CLASS_NAMES) and min(coverage.values()) > 0
     kinds = {p.kind for p in a}
