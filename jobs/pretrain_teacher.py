@@ -1,6 +1,6 @@
 """Pretrain the embedded CLIP teacher on the captioned synthetic corpus and register it.
 
-    python jobs/pretrain_teacher.py --steps 600 --out ~/.cache/fewshot/teachers/embedded-teacher.pt
+    python jobs/pretrain_teacher.py --steps 3000 --threads 1 --out ~/.cache/fewshot/teachers/embedded-teacher.pt
     ray job submit --working-dir . -- python jobs/pretrain_teacher.py --mlflow-uri http://HOST:5000
 
 Trains the small OpenCLIP model contrastively (fewshot.teacher_training), reports its
@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(default_teacher_path()),
                    help=f"where to write the teacher checkpoint (${TEACHER_DIR_ENV} sets the "
                         "default folder); use it as teacher spec 'embedded:<path>'")
-    p.add_argument("--steps", type=int, default=1000,
-                   help="contrastive training steps (about 4 min on 1 CPU core at batch 64; "
-                        "more steps give a better teacher)")
+    p.add_argument("--steps", type=int, default=3000,
+                   help="contrastive training steps (measured on a busy 2-core CPU, 1 thread, "
+                        "batch 64: 1000 steps 5.5 min -> zero-shot top-1 0.26 over 20 classes; "
+                        "3000 steps 15 min -> 0.54)")
     p.add_argument("--batch-size", type=int, default=64, help="image-caption pairs per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate "
                    "(linear warm-up over 5%% of the steps, then cosine decay)")

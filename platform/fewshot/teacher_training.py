@@ -166,7 +166,7 @@ def _rotate90(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 
 
 def train_embedded_teacher(
-    steps: int = 1000,
+    steps: int = 3000,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool | Callable[[int, dict], None] = False,
