@@ -1,7 +1,7 @@
 # One command each: `make demo` runs the product end to end; `make test` runs the test suite.
 # Both create the virtualenv and install the pinned dependencies first (once).
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
