@@ -124,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
     batches = _infinite_batches(spec, index, rank)
     log_mlflow = _mlflow_logger(spec) if rank == 0 else None
 
-    def save_and_report(step: int, metrics: dict[str, float], final: bool) -> None:
+    def save_and_report(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "step": step}
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
@@ -141,12 +141,12 @@ def train_loop_per_worker(config: dict) -> None:
         if log_mlflow is not None:
             log_mlflow(step, metrics)
         if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.train.steps:
-            save_and_report(step, metrics, final=False)
+            save_and_report(step, metrics)
 
     extra = (lambda: {k: v for k, v in balancer.last_weights.items()}) if balancer is not None else None
     last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=extra,
                  progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer)
-    save_and_report(spec.train.steps, last, final=True)
+    save_and_report(spec.train.steps, last)
 
 
 def fit(
