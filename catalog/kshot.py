@@ -171,3 +171,24 @@ def sample_kshot(table: pa.Table, class_ids: Sequence[int], k: int, seed: int) -
 def kshot_table(table: pa.Table, class_ids: Sequence[int], k: int, seed: int) -> pa.Table:
     """:func:`sample_kshot` as a pyarrow Table with the input's schema."""
     return pa.Table.from_pylist(sample_kshot(table, class_ids, k, seed), schema=table.schema)
+
+
+def sample_support(table: pa.Table, new_ids: Sequence[int], old_ids: Sequence[int], k: int,
+                   seed: int, replay: bool = True) -> tuple[list[dict], list[dict]]:
+    """The fine-tuning set of one few-shot episode: ``(novel_rows, replay_rows)``.
+
+    ``novel_rows`` hold exactly ``k`` instances of each new class; ``replay_rows`` (TFA's
+    balanced fine-tuning set, Wang et al. 2020) hold ``k`` instances of each old class, or
+    as many as the rarest old class has, so the old classes keep being seen. Same ``seed``,
+    same rows."""
+    novel = sample_kshot(table, new_ids, k, seed)
+    if not replay or not old_ids:
+        return novel, []
+    counts = count_instances(table, old_ids)
+    k_old = min([k] + [counts.get(i, 0) for i in old_ids])
+    if k_old <= 0:
+        return novel, []
+    try:
+        return novel, sample_kshot(table, old_ids, k_old, seed)
+    except InsufficientInstances:
+        return novel, []

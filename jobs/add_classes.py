@@ -21,6 +21,7 @@ for _p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents
 
 def build_parser() -> argparse.ArgumentParser:
     from catalog import default_root
+    from fewshot.cli import add_method_flags
     from fewshot.freezing import POLICIES
     from fewshot.registry import DEFAULT_MODEL_NAME
 
@@ -46,8 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune on the novel shots only (no replay exemplars of old classes)")
     p.add_argument("--max-base-drop", type=float, default=0.05,
                    help="promote to champion only if base AP50 drops by at most this much")
-    p.add_argument("--balancer", default=None, choices=["fixed", "pgb", "gradnorm"],
-                   help="task-gradient balancer at the RoI feature split (default: none)")
+    add_method_flags(p)
+    p.add_argument("--config", default=None,
+                   help="'best': use the configuration jobs/tune.py stored for --model-name "
+                        "(balancer, momentum, beta, lr, steps override the flags); or a JSON file "
+                        "with those keys. The version records which configuration it came from")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--cpus-per-worker", type=int, default=2, help="CPUs (torch threads) per worker")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
@@ -69,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fewshot.add_classes import AddClassesError, AddClassesOptions, run_add_classes
+    from fewshot.cli import method_kwargs
     from fewshot.training import TrainConfig
 
     if not args.mlflow_uri:
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         freeze=args.freeze, replay=not args.no_replay, max_base_drop=args.max_base_drop,
         num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         model_name=args.model_name, experiment=args.experiment,
-        max_eval_images=args.max_eval_images, eval_split=args.eval_split, balancer=args.balancer,
+        max_eval_images=args.max_eval_images, eval_split=args.eval_split, config=args.config,
+        **method_kwargs(args),
         ray_address=args.ray_address, storage_path=args.storage_path,
     )
     try:

@@ -17,6 +17,7 @@ for _p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents
 
 def build_parser() -> argparse.ArgumentParser:
     from catalog import default_root
+    from fewshot.cli import add_method_flags
     from fewshot.config import PRESETS
     from fewshot.registry import DEFAULT_MODEL_NAME
 
@@ -42,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (DDP processes)")
     p.add_argument("--cpus-per-worker", type=int, default=1, help="CPUs (torch threads) per worker")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (on a GPU cluster)")
-    p.add_argument("--balancer", default=None, choices=["fixed", "pgb", "gradnorm"],
-                   help="task-gradient balancer at the RoI feature split (default: none)")
+    add_method_flags(p)
     p.add_argument("--checkpoint-every", type=int, default=200,
                    help="report a Ray Train checkpoint every N steps (0: only at the end)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fewshot.base_training import BaseTrainOptions, run_base_training
+    from fewshot.cli import method_kwargs
     from fewshot.training import TrainConfig
 
     if not args.mlflow_uri:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                           warmup_steps=args.warmup_steps),
         num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.gpu,
         seed=args.seed, model_name=args.model_name, experiment=args.experiment,
-        max_eval_images=args.max_eval_images, eval_split=args.eval_split, balancer=args.balancer,
+        max_eval_images=args.max_eval_images, eval_split=args.eval_split, **method_kwargs(args),
         checkpoint_every=args.checkpoint_every, ray_address=args.ray_address,
         storage_path=args.storage_path,
     )

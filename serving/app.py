@@ -8,6 +8,13 @@ One deployment, ``DetectorService``, behind a FastAPI ingress:
 - ``GET /v1/classes``: the served class set, in order.
 - ``GET /healthz``: 200 with the served version once a model is loaded, 503 before.
 
+CLIP refinement: a version registered with a fitted refiner (``fewshot.refinement``: class
+prompt embeddings and the fusion weight chosen on val, stored in the checkpoint) has its
+detection scores fused with CLIP's box-crop classification by default; ``?refine=false``
+turns it off per request and the ``refine`` setting for the whole deployment. Every answer
+says in ``refinement`` whether it was applied and with which weight (and why not, when the
+version has no refiner or its teacher cannot be loaded on this replica).
+
 The replica loads ``models:/NAME@champion`` from MLflow when it starts and watches the alias
 (every ``poll_interval_s``); a newly promoted version is loaded beside the current one and
 swapped in with one assignment, so requests in flight finish on the model they started
@@ -39,6 +46,8 @@ DEFAULTS = {
     "max_upload_bytes": 10 * 1024 * 1024,
     "max_pixels": 40_000_000,
     "score_threshold": 0.3,
+    "refine": True,        # apply the version's CLIP refinement when it has one
+    "teacher_spec": None,  # where the refiner's teacher lives on this replica (None: as stored)
 }
 
 
@@ -51,6 +60,18 @@ class Served:
     version: int
     class_set: str
     classes: tuple[str, ...]
+    refiner: object | None = None  # fewshot.refinement.Refiner, teacher loaded
+    refine_note: str = ""          # why there is no refiner
+
+    def refinement(self, requested: bool) -> dict:
+        """The ``refinement`` block of an answer."""
+        if self.refiner is None:
+            return {"applied": False, "fusion_weight": None, "reason": self.refine_note}
+        if not requested:
+            return {"applied": False, "fusion_weight": self.refiner.fusion_weight,
+                    "reason": "turned off for this request"}
+        return {"applied": True, "fusion_weight": self.refiner.fusion_weight,
+                "teacher": self.refiner.teacher_id}
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -88,9 +109,29 @@ class DetectorService:
             return False
         with tempfile.TemporaryDirectory() as d:
             detector = Detector.from_file(registry.download_checkpoint(uri, name, info.version, d))
-        self.served = Served(detector, name, info.version, info.class_set, tuple(detector.classes))
-        logger.info("serving %s version %d (%d classes)", name, info.version, len(detector.classes))
+        refiner, note = self._load_refiner(detector)
+        self.served = Served(detector, name, info.version, info.class_set, tuple(detector.classes),
+                             refiner, note)
+        logger.info("serving %s version %d (%d classes, refinement: %s)", name, info.version,
+                    len(detector.classes), "off: " + note if refiner is None else repr(refiner))
         return True
+
+    def _load_refiner(self, detector) -> tuple[object | None, str]:
+        """The version's refiner with its teacher loaded, or (None, why not)."""
+        from fewshot.refinement import EXTRA_KEY, Refiner
+
+        extra = detector.checkpoint.extra or {}
+        if EXTRA_KEY not in extra:
+            return None, "this model version has no CLIP refiner"
+        try:
+            refiner = Refiner.from_extra(extra, teacher_spec=self.settings["teacher_spec"])
+            if list(refiner.class_names) != list(detector.classes):
+                return None, "the stored refiner's classes differ from the model's"
+            refiner.teacher  # load it now, not on the first request
+            return refiner, ""
+        except Exception as err:  # missing teacher weights on this replica: serve unrefined
+            logger.warning("CLIP refiner not loaded: %s", err)
+            return None, f"the refiner's teacher could not be loaded here: {err}"
 
     async def _refresh(self) -> None:
         async with self._load_lock:
@@ -122,13 +163,17 @@ class DetectorService:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _detect_batch(self, items: list[tuple]) -> list[dict]:
         served = self.served  # one reference for the whole batch: a swap cannot split it
-        images = [img for img, _ in items]
+        images = [img for img, _, _ in items]
         outputs = await asyncio.to_thread(served.detector.predict, images, 0.0)
         results = []
-        for (img, threshold), dets in zip(items, outputs):
+        for (img, threshold, refine), dets in zip(items, outputs):
+            block = served.refinement(refine)
+            if block["applied"]:
+                dets = await asyncio.to_thread(served.refiner.refine, img, dets)
             results.append({
                 "model": {"name": served.name, "version": served.version, "class_set": served.class_set},
                 "image": {"width": img.width, "height": img.height},
+                "refinement": block,
                 "detections": [d for d in dets if d["score"] >= threshold],
             })
         return results
@@ -152,7 +197,8 @@ class DetectorService:
                 "classes": list(s.classes)}
 
     @api.post("/v1/detect")
-    async def detect(self, request: Request, score_threshold: float | None = None):
+    async def detect(self, request: Request, score_threshold: float | None = None,
+                     refine: bool | None = None):
         self._ensure_watcher()
         if self.served is None:
             return _error(503, "no_model", "no model version is loaded yet")
@@ -176,7 +222,8 @@ class DetectorService:
             image = decode_upload(data, max_bytes, int(self.settings["max_pixels"]))
         except ImageRejected as err:
             return _error(err.status, err.code, err.message)
-        return await self._detect_batch((image, threshold))
+        want_refine = bool(self.settings["refine"]) if refine is None else refine
+        return await self._detect_batch((image, threshold, want_refine))
 
 
 app = DetectorService.bind()

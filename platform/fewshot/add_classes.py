@@ -12,12 +12,13 @@ base classes' AP50 dropped by no more than ``max_base_drop``; otherwise the vers
 from __future__ import annotations
 
 import difflib
+import json
 import tempfile
 from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
@@ -25,12 +26,15 @@ import torch
 
 from catalog import IMAGE_SCHEMA, Catalog
 from catalog.class_sets import ClassSet, ClassSetNotFound, extend, load_class_set, save_class_set
-from catalog.kshot import InsufficientInstances, count_instances, sample_kshot
+from catalog.kshot import count_instances, sample_support
 from fewshot import ray_train, registry, tracking
-from fewshot.checkpoint import load_checkpoint, save_checkpoint
-from fewshot.data import class_index, rows_to_batch
-from fewshot.evaluation import default_eval_split, evaluate_checkpoint_on_split
+from fewshot.checkpoint import load_checkpoint, save_checkpoint, update_extra
+from fewshot.data import TEACHER_EMB_KEY, class_index, rows_to_batch
+from fewshot.episode import predict, score
+from fewshot.evaluation import default_eval_split, load_eval_split
 from fewshot.expansion import expand_detector
+from fewshot.method import MethodConfig, TeacherEmbedder
+from fewshot.refinement import EXTRA_KEY as REFINER_KEY
 from fewshot.training import TrainConfig
 
 
@@ -59,8 +63,19 @@ class AddClassesOptions:
     eval_split: str | None = None  # None: "test" if the dataset has it, else "val"
     max_eval_images: int | None = None
     balancer: str | None = None
+    balancer_momentum: float = 0.9
+    teacher: str | None = None     # CLIP teacher spec (fewshot.teacher.load_teacher)
+    distill_beta: float = 0.0      # > 0: distil the teacher into the RoI features (needs teacher)
+    refine: bool = True            # with a teacher: fit CLIP refinement on val and store it
+    max_val_images: int | None = 150  # images of the val split the fusion weight is chosen on
+    config: str | None = None      # "best" (what jobs/tune.py stored) or a JSON file
     ray_address: str | None = None
     storage_path: str | None = None
+
+    def method(self, teacher_dim: int | None) -> MethodConfig:
+        return MethodConfig(freeze=self.freeze, balancer=self.balancer,
+                            balancer_momentum=self.balancer_momentum,
+                            distill_beta=self.distill_beta, teacher_dim=teacher_dim)
 
 
 @dataclass
@@ -72,6 +87,7 @@ class Plan:
     new_classes: list[str]
     new_ids: list[int]
     old_ids: list[int]
+    teacher: object | None = None  # the loaded CLIP teacher (--teacher)
 
 
 @dataclass
@@ -87,6 +103,10 @@ def validate(opts: AddClassesOptions) -> Plan:
     """Every input check, before any write. Raises AddClassesError with a clear message."""
     if opts.shots < 1:
         raise AddClassesError(f"--shots must be at least 1, got {opts.shots}")
+    if opts.distill_beta < 0:
+        raise AddClassesError(f"--distill-beta must be >= 0, got {opts.distill_beta}")
+    if opts.distill_beta > 0 and not opts.teacher:
+        raise AddClassesError("--distill-beta > 0 needs a CLIP teacher: pass --teacher")
     if not opts.classes:
         raise AddClassesError("--classes is empty: name at least one class to add")
     dupes = sorted({c for c in opts.classes if opts.classes.count(c) > 1})
@@ -127,29 +147,67 @@ def validate(opts: AddClassesOptions) -> Plan:
             f"too few annotated instances in {dataset!r}/train for {opts.shots} shots: "
             + ", ".join(f"{c} has {n}" for c, n in short.items()))
     old_ids = [by_name[c].id for c in parent.classes]
+    teacher = None
+    if opts.teacher:
+        from fewshot.teacher import load_teacher
+
+        try:
+            teacher = load_teacher(opts.teacher)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise AddClassesError(f"--teacher {opts.teacher!r} could not be loaded: {err}") from None
     return Plan(parent=parent, dataset=dataset, new_classes=list(opts.classes),
-                new_ids=new_ids, old_ids=old_ids)
+                new_ids=new_ids, old_ids=old_ids, teacher=teacher)
 
 
-def _support_rows(table: pa.Table, plan: Plan, opts: AddClassesOptions) -> tuple[list[dict], list[dict]]:
-    novel = sample_kshot(table, plan.new_ids, opts.shots, opts.seed)
-    replay: list[dict] = []
-    if opts.replay:
-        counts = count_instances(table, plan.old_ids)
-        k = min([opts.shots] + [counts.get(i, 0) for i in plan.old_ids])
-        if k > 0:
-            try:
-                replay = sample_kshot(table, plan.old_ids, k, opts.seed)
-            except InsufficientInstances:
-                replay = []
-    return novel, replay
+def apply_config(opts: AddClassesOptions) -> tuple[AddClassesOptions, str]:
+    """``opts`` with the tuned values of ``opts.config`` applied; ``(opts, source)``."""
+    if not opts.config:
+        return opts, "flags"
+    from fewshot.tuned_configs import load_config
+
+    try:
+        cfg, source = load_config(opts.config, opts.mlflow_uri, opts.model_name)
+    except ValueError as err:
+        raise AddClassesError(f"--config {opts.config}: {err}") from None
+    train = opts.train
+    if "lr" in cfg or "steps" in cfg:
+        steps = int(cfg.get("steps", train.steps))
+        train = dc_replace(train, lr=float(cfg.get("lr", train.lr)), steps=steps,
+                           warmup_steps=min(train.warmup_steps, steps // 5))
+    new = dc_replace(
+        opts, train=train,
+        balancer=cfg.get("balancer", opts.balancer) or None,
+        balancer_momentum=float(cfg.get("balancer_momentum", opts.balancer_momentum)),
+        distill_beta=float(cfg.get("distill_beta", opts.distill_beta)),
+        freeze=cfg.get("freeze", opts.freeze),
+    )
+    if new.distill_beta > 0 and not new.teacher:
+        raise AddClassesError(f"--config {opts.config} distils (beta {new.distill_beta}): pass --teacher")
+    return new, source
+
+
+def _fit_refiner(plan: Plan, catalog: Catalog, child_path: Path, child_classes: list[str],
+                 child_ids: list[int], opts: AddClassesOptions):
+    """Choose the CLIP fusion weight on the val split and store the refiner in the child."""
+    from fewshot.refinement import fit_refiner
+
+    split = load_eval_split(catalog, plan.dataset, "val", list(plan.parent.classes), plan.new_classes,
+                            max_images=opts.max_val_images)
+    child = load_checkpoint(child_path)
+    results = predict(child, split)
+    print(f"choosing the CLIP fusion weight on {len(split.rows)} val images ...", flush=True)
+    refiner = fit_refiner(plan.teacher, child_classes, child_ids, split, results)
+    update_extra(child_path, refiner.to_extra())
+    return refiner
 
 
 def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
+    opts, config_source = apply_config(opts)
     plan = validate(opts)
     catalog = Catalog(opts.catalog_root)
     manifest = catalog.manifest(plan.dataset)
     eval_split = opts.eval_split or default_eval_split(manifest)
+    refine = bool(opts.refine and plan.teacher is not None and manifest.splits.get("val"))
     work = Path(tempfile.mkdtemp(prefix="fewshot-add-"))
     parent_path = registry.download_checkpoint(opts.mlflow_uri, opts.model_name, plan.parent.version, work / "parent")
     parent_ckpt = load_checkpoint(parent_path)
@@ -165,7 +223,8 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
     class_set = extend(parent_cs, plan.new_classes)
 
     train_table = catalog.read_split(plan.dataset, "train")
-    novel_rows, replay_rows = _support_rows(train_table, plan, opts)
+    novel_rows, replay_rows = sample_support(train_table, plan.new_ids, plan.old_ids, opts.shots,
+                                             opts.seed, replay=opts.replay)
 
     torch.manual_seed(opts.seed)
     model = parent_ckpt.build_model()
@@ -174,8 +233,11 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
     replay_images, replay_targets = rows_to_batch(replay_rows, index)
     expand_detector(model, images, targets, num_new=len(plan.new_classes),
                     center_images=replay_images, center_targets=replay_targets)
+    # the parent's refiner knew the old classes only: the child gets its own (or none)
+    extra = {k: v for k, v in parent_ckpt.extra.items() if k != REFINER_KEY}
     init_path = save_checkpoint(work / "init.pt", model, parent_ckpt.config, child_classes,
-                                child_ids, plan.dataset, class_set.id, parent_ckpt.extra)
+                                child_ids, plan.dataset, class_set.id, extra)
+    method = opts.method(plan.teacher.embed_dim if plan.teacher is not None else None)
 
     ray_train.ensure_ray(opts.ray_address)
     run_name = f"add-{'+'.join(plan.new_classes)}-{opts.shots}shot-s{opts.seed}"
@@ -184,34 +246,54 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
                                   "class_set": class_set.id}) as run:
         tracking.log_params({
             "dataset": plan.dataset, "new_classes": plan.new_classes, "shots": opts.shots,
-            "seed": opts.seed, "parent_version": plan.parent.version, "freeze": opts.freeze,
+            "seed": opts.seed, "parent_version": plan.parent.version,
             "replay": opts.replay, "novel_images": len(novel_rows), "replay_images": len(replay_rows),
             "max_base_drop": opts.max_base_drop, "balancer": opts.balancer or "none",
+            "teacher": plan.teacher.id if plan.teacher is not None else "none",
+            "refine": refine, "config_source": config_source,
+            **{k: v for k, v in method.to_dict().items() if k != "balancer"},
             **opts.train.to_dict(),
         })
         rows = novel_rows + replay_rows
-        dataset = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA))
+        schema = IMAGE_SCHEMA
+        if method.distills:
+            print(f"embedding {sum(len(r['boxes']) for r in rows)} support boxes with the teacher ...",
+                  flush=True)
+            rows = TeacherEmbedder(plan.teacher)(rows)
+            schema = schema.append(pa.field(TEACHER_EMB_KEY, pa.list_(pa.list_(pa.float32()))))
+        dataset = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=schema))
         spec = ray_train.TrainJobSpec(
-            init_checkpoint=str(init_path), train=opts.train, freeze=opts.freeze, seed=opts.seed,
-            balancer=opts.balancer, mlflow_tracking_uri=opts.mlflow_uri,
+            init_checkpoint=str(init_path), train=opts.train, seed=opts.seed, method=method,
+            mlflow_tracking_uri=opts.mlflow_uri,
             mlflow_run_id=run.info.run_id, metric_prefix="finetune/",
         )
         print(f"fine-tuning on {len(novel_rows)} novel + {len(replay_rows)} replay images "
-              f"({opts.shots} shots, freeze={opts.freeze}) ...", flush=True)
+              f"({opts.shots} shots, freeze={opts.freeze}, balancer={opts.balancer or 'none'}, "
+              f"distill beta={opts.distill_beta}) ...", flush=True)
         final = ray_train.fit(spec, dataset, num_workers=opts.num_workers, use_gpu=opts.use_gpu,
                               cpus_per_worker=opts.cpus_per_worker, storage_path=opts.storage_path,
                               name=f"add-{run.info.run_id[:8]}")
+        refiner = _fit_refiner(plan, catalog, final, child_classes, child_ids, opts) if refine else None
+        if refiner is not None:
+            mlflow.log_metric("refine_fusion_weight", refiner.fusion_weight)
+            mlflow.log_dict(refiner.selection, "refinement_selection.json")
 
         print(f"evaluating parent and child on the {eval_split} split ...", flush=True)
         base_names = list(parent_ckpt.classes)
-        parent_report = evaluate_checkpoint_on_split(parent_ckpt, catalog, plan.dataset, eval_split,
-                                                     base_names, max_images=opts.max_eval_images)
-        child_report = evaluate_checkpoint_on_split(load_checkpoint(final), catalog, plan.dataset,
-                                                    eval_split, base_names, plan.new_classes,
-                                                    max_images=opts.max_eval_images)
+        split = load_eval_split(catalog, plan.dataset, eval_split, base_names, plan.new_classes,
+                                max_images=opts.max_eval_images)
+        parent_split = load_eval_split(catalog, plan.dataset, eval_split, base_names,
+                                       max_images=opts.max_eval_images)
+        parent_report = score(parent_ckpt, parent_split)
+        child_ckpt = load_checkpoint(final)
+        child_results = predict(child_ckpt, split)
+        child_report = score(child_ckpt, split, refiner=refiner, results=child_results)
         tracking.log_eval_report(parent_report, prefix="parent_")
         tracking.log_eval_report(child_report, prefix="test_", novel=set(plan.new_classes),
                                  parent_per_class=parent_report.per_class_AP50)
+        if refiner is not None:  # the same model, scores not fused: what refinement adds
+            raw = score(child_ckpt, split, results=child_results)
+            mlflow.log_metrics({f"unrefined_{k}": v for k, v in raw.headline().items()})
         drop = parent_report.bAP50 - child_report.bAP50
         mlflow.log_metric("bAP50_change", -drop)
         promoted = drop <= opts.max_base_drop
@@ -219,20 +301,29 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
                   f"(change {-drop:+.4f}, allowed drop {opts.max_base_drop:.4f})")
 
         save_class_set(catalog, class_set)
+        method_tags = {"balancer": opts.balancer or "none", "distill_beta": f"{opts.distill_beta:g}",
+                       "freeze": opts.freeze, "config_source": config_source,
+                       "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
+                                             "steps": opts.train.steps}, sort_keys=True)}
+        if refiner is not None:
+            method_tags.update({"refine_fusion_weight": f"{refiner.fusion_weight:g}",
+                                "refine_teacher": refiner.teacher_id,
+                                "refine_objective": refiner.selection.get("objective", "")})
         version = registry.register_detector(
             opts.mlflow_uri, opts.model_name, final, classes=child_classes, class_set=class_set.id,
             parent_version=plan.parent.version, shots=opts.shots,
             extra_tags={"dataset": plan.dataset, "job": "add_classes", "seed": str(opts.seed),
                         "new_classes": ",".join(plan.new_classes), "gate": "passed" if promoted else "failed",
                         "gate_reason": reason, "parent_bAP50": f"{parent_report.bAP50:.4f}",
-                        "bAP50_change": f"{-drop:.4f}", **tracking.eval_tags(child_report)},
+                        "bAP50_change": f"{-drop:.4f}", **method_tags, **tracking.eval_tags(child_report)},
         )
         alias = registry.CHAMPION if promoted else registry.CANDIDATE
         registry.set_alias(opts.mlflow_uri, opts.model_name, alias, version.version)
         mlflow.set_tags({"registered_version": str(version.version), "alias": alias})
 
     print(f"child: nAP50={child_report.nAP50:.4f} bAP50={child_report.bAP50:.4f} "
-          f"nAP={child_report.nAP:.4f} bAP={child_report.bAP:.4f}", flush=True)
+          f"nAP={child_report.nAP:.4f} bAP={child_report.bAP:.4f}"
+          + (f" (CLIP refinement, fusion weight {refiner.fusion_weight:g})" if refiner else ""), flush=True)
     if promoted:
         print(f"registered {opts.model_name} version {version.version} as '{alias}' "
               f"(parent {plan.parent.version}): {reason}", flush=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import pyarrow as pa
 import ray
 import ray.data
 import torch
@@ -18,10 +19,13 @@ import torch
 from catalog import Catalog
 from catalog.class_sets import ClassSet, save_class_set
 from fewshot import ray_train, registry, tracking
-from fewshot.checkpoint import load_checkpoint, save_checkpoint
+from catalog.teacher_cache import build_teacher_cache, has_teacher_cache, join_teacher_embeddings
+from fewshot.checkpoint import load_checkpoint, save_checkpoint, update_extra
 from fewshot.config import preset
 from fewshot.detector import build_detector
-from fewshot.evaluation import default_eval_split, evaluate_checkpoint_on_split
+from fewshot.episode import predict, score
+from fewshot.evaluation import default_eval_split, evaluate_checkpoint_on_split, load_eval_split
+from fewshot.method import MethodConfig
 from fewshot.training import TrainConfig
 
 
@@ -43,6 +47,11 @@ class BaseTrainOptions:
     eval_split: str | None = None  # None: "test" if the dataset has it, else "val"
     max_eval_images: int | None = None
     balancer: str | None = None
+    balancer_momentum: float = 0.9
+    teacher: str | None = None     # CLIP teacher spec: distillation (beta > 0) and refinement
+    distill_beta: float = 0.0
+    refine: bool = True            # with a teacher: fit CLIP refinement on val and store it
+    max_val_images: int | None = 150
     checkpoint_every: int = 0
     ray_address: str | None = None
     storage_path: str | None = None
@@ -61,6 +70,27 @@ def resolve_base_classes(catalog: Catalog, opts: BaseTrainOptions) -> list[str]:
     return list(manifest.class_split(opts.class_split).base)
 
 
+def _rows_with_teacher_embeddings(catalog: Catalog, dataset: str, teacher) -> pa.Table:
+    """The train split with each box's teacher embedding (cached with the dataset, built once)."""
+    if not has_teacher_cache(catalog, dataset, "train", teacher.id):
+        print(f"caching {teacher.id} embeddings of every train box (once per dataset) ...", flush=True)
+        build_teacher_cache(catalog, dataset, "train", teacher, progress=True)
+    return join_teacher_embeddings(catalog.read_split(dataset, "train"), catalog, dataset, "train",
+                                   teacher.id)
+
+
+def _fit_refiner(catalog: Catalog, opts: BaseTrainOptions, teacher, path: Path, classes: list[str],
+                 category_ids: list[int]):
+    """Choose the CLIP fusion weight on val (AP50) and store the refiner in the checkpoint."""
+    from fewshot.refinement import fit_refiner
+
+    split = load_eval_split(catalog, opts.dataset, "val", classes, max_images=opts.max_val_images)
+    print(f"choosing the CLIP fusion weight on {len(split.rows)} val images ...", flush=True)
+    refiner = fit_refiner(teacher, classes, category_ids, split, predict(load_checkpoint(path), split))
+    update_extra(path, refiner.to_extra())
+    return refiner
+
+
 def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
     catalog = Catalog(opts.catalog_root)
     manifest = catalog.manifest(opts.dataset)
@@ -70,6 +100,17 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
     class_set = ClassSet.create(dataset=opts.dataset, classes=tuple(classes), parent=None)
     config = preset(opts.preset)
     eval_split = opts.eval_split or default_eval_split(manifest)
+
+    if opts.distill_beta > 0 and not opts.teacher:
+        raise ValueError("distillation (beta > 0) needs a CLIP teacher: pass --teacher")
+    teacher = None
+    if opts.teacher:
+        from fewshot.teacher import load_teacher
+
+        teacher = load_teacher(opts.teacher)
+    method = MethodConfig(freeze="none", balancer=opts.balancer, balancer_momentum=opts.balancer_momentum,
+                          distill_beta=opts.distill_beta,
+                          teacher_dim=teacher.embed_dim if teacher is not None else None)
 
     torch.manual_seed(opts.seed)
     work = Path(tempfile.mkdtemp(prefix="fewshot-base-"))
@@ -82,14 +123,19 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
         tracking.log_params({
             "dataset": opts.dataset, "class_split": opts.class_split, "classes": classes,
             "preset": opts.preset, "num_workers": opts.num_workers, "seed": opts.seed,
-            "balancer": opts.balancer or "none", **config.to_dict(), **opts.train.to_dict(),
+            "teacher": teacher.id if teacher is not None else "none",
+            **method.to_dict(), **config.to_dict(), **opts.train.to_dict(),
         })
         spec = ray_train.TrainJobSpec(
-            init_checkpoint=str(init_path), train=opts.train, freeze="none", seed=opts.seed,
-            balancer=opts.balancer, mlflow_tracking_uri=opts.mlflow_uri,
+            init_checkpoint=str(init_path), train=opts.train, seed=opts.seed,
+            method=method,
+            mlflow_tracking_uri=opts.mlflow_uri,
             mlflow_run_id=run.info.run_id, checkpoint_every=opts.checkpoint_every,
         )
-        dataset = ray.data.read_parquet(str(catalog.split_path(opts.dataset, "train")))
+        if method.distills:
+            dataset = ray.data.from_arrow(_rows_with_teacher_embeddings(catalog, opts.dataset, teacher))
+        else:
+            dataset = ray.data.read_parquet(str(catalog.split_path(opts.dataset, "train")))
         print(f"training base model on {manifest.splits.get('train')} images, "
               f"{len(classes)} classes, {opts.num_workers} Ray Train workers ...", flush=True)
         final = ray_train.fit(spec, dataset, num_workers=opts.num_workers, use_gpu=opts.use_gpu,
@@ -99,13 +145,23 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
         report = evaluate_checkpoint_on_split(load_checkpoint(final), catalog, opts.dataset,
                                               eval_split, classes,
                                               max_images=opts.max_eval_images)
+        refine_tags = {}
+        if teacher is not None and opts.refine and manifest.splits.get("val"):
+            refiner = _fit_refiner(catalog, opts, teacher, final, classes, category_ids)
+            report = score(load_checkpoint(final), load_eval_split(
+                catalog, opts.dataset, eval_split, classes, max_images=opts.max_eval_images), refiner=refiner)
+            mlflow.log_metric("refine_fusion_weight", refiner.fusion_weight)
+            mlflow.log_dict(refiner.selection, "refinement_selection.json")
+            refine_tags = {"refine_fusion_weight": f"{refiner.fusion_weight:g}",
+                           "refine_teacher": refiner.teacher_id}
         tracking.log_eval_report(report, prefix="test_")
         save_class_set(catalog, class_set)
         version = registry.register_detector(
             opts.mlflow_uri, opts.model_name, final, classes=classes, class_set=class_set.id,
             parent_version=None, shots=None,
             extra_tags={"dataset": opts.dataset, "job": "base_train", "seed": str(opts.seed),
-                        **tracking.eval_tags(report)},
+                        "balancer": opts.balancer or "none", "distill_beta": f"{opts.distill_beta:g}",
+                        **refine_tags, **tracking.eval_tags(report)},
         )
         registry.set_alias(opts.mlflow_uri, opts.model_name, registry.CHAMPION, version.version)
         mlflow.set_tag("registered_version", str(version.version))

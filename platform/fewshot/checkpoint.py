@@ -15,6 +15,7 @@ from torch import nn
 
 from fewshot.config import DetectorConfig
 from fewshot.detector import build_detector
+from fewshot.distillation import strip_distillation_state
 
 FORMAT_VERSION = 1
 
@@ -46,7 +47,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: DetectorConfig, 
         raise ValueError(f"model has {num_rows} classifier rows but {len(classes)} classes (+1 background)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # training-only heads (the distillation projection) are not part of the detector
+    state = {k: v.detach().cpu() for k, v in strip_distillation_state(model.state_dict()).items()}
     payload = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -76,3 +78,14 @@ def load_checkpoint(path: str | Path) -> DetectorCheckpoint:
         state_dict=payload["state_dict"],
         extra=payload.get("extra", {}),
     )
+
+
+def update_extra(path: str | Path, extra: dict) -> Path:
+    """Merge ``extra`` into the ``extra`` of the checkpoint file at ``path`` (atomic rewrite)."""
+    path = Path(path)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["extra"] = {**payload.get("extra", {}), **extra}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path

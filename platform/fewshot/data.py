@@ -8,11 +8,13 @@ annotations never train.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
+
+TEACHER_EMB_KEY = "teacher_emb"  # per-box teacher embeddings, in rows and in target dicts
 
 
 def class_index(class_ids: Sequence[int]) -> dict[int, int]:
@@ -27,9 +29,12 @@ def decode_row_image(data: bytes) -> torch.Tensor:
 
 
 def row_to_target(row: Mapping, index: Mapping[int, int]) -> dict[str, torch.Tensor]:
-    boxes, labels = [], []
+    """``boxes`` [n, 4] and ``labels`` [n] of the kept annotations; when the row carries
+    teacher embeddings (``teacher_emb``, one per box of the row, see
+    ``catalog.teacher_cache``) also ``teacher_emb`` [n, E] of the same kept boxes."""
+    boxes, labels, kept = [], [], []
     crowd = row.get("iscrowd") or [False] * len(row["category_ids"])
-    for box, cid, is_crowd in zip(row["boxes"], row["category_ids"], crowd):
+    for k, (box, cid, is_crowd) in enumerate(zip(row["boxes"], row["category_ids"], crowd)):
         label = index.get(int(cid))
         if label is None or is_crowd:
             continue
@@ -38,10 +43,17 @@ def row_to_target(row: Mapping, index: Mapping[int, int]) -> dict[str, torch.Ten
             continue
         boxes.append([x1, y1, x2, y2])
         labels.append(label)
-    return {
+        kept.append(k)
+    target = {
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
+    emb = row.get(TEACHER_EMB_KEY)
+    if emb is not None and len(emb) == len(row["category_ids"]):
+        table = torch.as_tensor(np.asarray([list(e) for e in emb], dtype=np.float32))
+        if table.ndim == 2:
+            target[TEACHER_EMB_KEY] = table[kept]
+    return target
 
 
 def hflip(image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -67,6 +79,27 @@ def rows_to_batch(
         images.append(image)
         targets.append(target)
     return images, targets
+
+
+def random_batches(
+    rows: Sequence[Mapping],
+    index: Mapping[int, int],
+    batch_size: int,
+    seed: int,
+) -> Iterator[tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]]:
+    """Endless shuffled batches of ``rows`` with random flips (in-process fine-tuning).
+
+    Each pass over the rows is a fresh permutation; a batch never repeats an image while
+    there are at least ``batch_size`` rows."""
+    if not rows:
+        raise ValueError("no rows to train on")
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order.extend(rng.permutation(len(rows)).tolist())
+        take, order = order[:batch_size], order[batch_size:]
+        yield rows_to_batch([rows[i] for i in take], index, rng=rng)
 
 
 def columnar_to_rows(batch: Mapping[str, Sequence]) -> list[dict]:

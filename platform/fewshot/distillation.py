@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot.data import TEACHER_EMB_KEY  # per-box teacher embeddings in a target dict
 from fewshot.detector import RoIBatch
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "strip_distillation_state", "roi_feature_dim",
 ]
 
-TEACHER_EMB_KEY = "teacher_emb"   # per-box teacher embeddings in a target dict
 HEAD_ATTR = "distill_head"        # model.roi_heads.<HEAD_ATTR> holds the projection head
 LOSS_KEY = "loss_distill"
 

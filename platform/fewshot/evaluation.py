@@ -138,6 +138,43 @@ def default_eval_split(manifest) -> str:
     raise ValueError(f"dataset {manifest.name!r} has neither a test nor a val split to evaluate on")
 
 
+@dataclass
+class EvalSplit:
+    """A catalog split ready to score: its rows, its ground truth as a COCO dict, and which
+    category ids count as base and as novel."""
+
+    rows: list[dict]
+    gt: dict
+    base_ids: list[int]
+    novel_ids: list[int]
+
+    @property
+    def images(self) -> dict[int, bytes]:
+        """image_id -> encoded image bytes (what refinement crops from)."""
+        return {int(r["image_id"]): r["image"] for r in self.rows}
+
+    def evaluate(self, results: list[dict]) -> EvalReport:
+        keep = set(self.base_ids) | set(self.novel_ids)
+        return coco_evaluate(self.gt, [r for r in results if r["category_id"] in keep],
+                             base_ids=self.base_ids, novel_ids=self.novel_ids)
+
+
+def load_eval_split(catalog, dataset: str, split: str, base_names: Sequence[str],
+                    novel_names: Sequence[str] = (), max_images: int | None = None) -> EvalSplit:
+    """The first ``max_images`` images of a catalog split (all by default), base/novel by name."""
+    from catalog.coco_export import table_to_coco
+
+    manifest = catalog.manifest(dataset)
+    table = catalog.read_split(dataset, split)
+    if max_images is not None and table.num_rows > max_images:
+        table = table.slice(0, max_images)
+    by_name = manifest.category_by_name()
+    names = list(base_names) + list(novel_names)
+    return EvalSplit(rows=table.to_pylist(), gt=table_to_coco(table, manifest, category_names=names),
+                     base_ids=[by_name[n].id for n in base_names],
+                     novel_ids=[by_name[n].id for n in novel_names])
+
+
 def evaluate_checkpoint_on_split(
     checkpoint,
     catalog,
@@ -149,21 +186,7 @@ def evaluate_checkpoint_on_split(
     max_images: int | None = None,
 ) -> EvalReport:
     """Evaluate a ``DetectorCheckpoint`` on a catalog split, base/novel by class name."""
-    from catalog.coco_export import table_to_coco
-
-    manifest = catalog.manifest(dataset)
-    table = catalog.read_split(dataset, split)
-    if max_images is not None and table.num_rows > max_images:
-        table = table.slice(0, max_images)
-    by_name = manifest.category_by_name()
-    names = list(base_names) + list(novel_names)
-    gt = table_to_coco(table, manifest, category_names=names)
-    model = checkpoint.build_model()
-    results = predict_rows(model, table.to_pylist(), checkpoint.category_ids, batch_size=batch_size)
-    keep = {by_name[n].id for n in names}
-    results = [r for r in results if r["category_id"] in keep]
-    return coco_evaluate(
-        gt, results,
-        base_ids=[by_name[n].id for n in base_names],
-        novel_ids=[by_name[n].id for n in novel_names],
-    )
+    es = load_eval_split(catalog, dataset, split, base_names, novel_names, max_images)
+    results = predict_rows(checkpoint.build_model(), es.rows, checkpoint.category_ids,
+                           batch_size=batch_size)
+    return es.evaluate(results)

@@ -24,7 +24,8 @@ from ray.train.torch import TorchTrainer
 
 from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.data import class_index, columnar_to_rows, rows_to_batch
-from fewshot.freezing import apply_freezing
+from fewshot.distillation import HEAD_ATTR
+from fewshot.method import MethodConfig, balancer_metrics, prepare_for_training
 from fewshot.training import TrainConfig, make_optimizer, train
 
 CHECKPOINT_FILE = "detector.pt"
@@ -37,10 +38,8 @@ class TrainJobSpec:
 
     init_checkpoint: str  # detector.pt to start from (a fresh base model or an expanded parent)
     train: TrainConfig
-    freeze: str = "none"
+    method: MethodConfig = MethodConfig(freeze="none")
     seed: int = 0
-    balancer: str | None = None
-    balancer_kwargs: dict | None = None
     mlflow_tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     metric_prefix: str = "train/"
@@ -95,15 +94,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     start = load_checkpoint(spec.init_checkpoint)
     model = start.build_model()
-    apply_freezing(model, spec.freeze)
-    balancer = None
-    if spec.balancer:
-        from fewshot.balancers import make_balancer
-        from fewshot.balancer_hooks import attach_precision_observer
-
-        balancer = make_balancer(spec.balancer, **(spec.balancer_kwargs or {}))
-        model.roi_heads.box_predictor.balancer = balancer
-        attach_precision_observer(model, balancer)
+    balancer = prepare_for_training(model, spec.method)
+    distill_head = getattr(model.roi_heads, HEAD_ATTR, None)
 
     optimizer = make_optimizer(model, spec.train)
     start_step = 0
@@ -116,6 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
             start_step = int(state["step"])
             if balancer is not None and state.get("balancer"):
                 balancer.load_state_dict(state["balancer"])
+            if distill_head is not None and state.get("distill_head"):
+                distill_head.load_state_dict(state["distill_head"])
 
     ddp_model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True}
@@ -133,7 +127,9 @@ def train_loop_per_worker(config: dict) -> None:
             save_checkpoint(Path(d) / CHECKPOINT_FILE, model, start.config, start.classes,
                             start.category_ids, start.dataset, start.class_set, start.extra)
             torch.save({"optimizer": optimizer.state_dict(), "step": step,
-                        "balancer": balancer.state_dict() if balancer is not None else None},
+                        "balancer": balancer.state_dict() if balancer is not None else None,
+                        # the detector file drops the distillation head; resuming needs it
+                        "distill_head": distill_head.state_dict() if distill_head is not None else None},
                        Path(d) / STATE_FILE)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
@@ -143,8 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
         if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.train.steps:
             save_and_report(step, metrics)
 
-    extra = (lambda: {k: v for k, v in balancer.last_weights.items()}) if balancer is not None else None
-    last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=extra,
+    last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=balancer_metrics(balancer),
                  progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer)
     save_and_report(spec.train.steps, last)
 

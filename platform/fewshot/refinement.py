@@ -36,6 +36,7 @@ import torch
 __all__ = [
     "EXTRA_KEY", "DEFAULT_GRID", "FORMAT_VERSION", "clip_class_probs", "fuse_scores",
     "fuse_results", "choose_fusion_weight", "clip_probs_for_results", "Refiner",
+    "refine_results", "fit_refiner",
 ]
 
 EXTRA_KEY = "clip_refinement"
@@ -164,6 +165,40 @@ def clip_probs_for_results(refiner: "Refiner", images: Mapping[int, object],
         boxes = [[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (results[i]["bbox"] for i in idx)]
         probs[idx] = refiner.clip_probs(images[image_id], boxes).numpy()
     return probs
+
+
+def refine_results(refiner: "Refiner", images: Mapping[int, object], results: Sequence[Mapping],
+                   category_ids: Sequence[int], fusion_weight: float | None = None) -> list[dict]:
+    """COCO results with the refiner's fused scores (``category_ids[j]`` is the model's class
+    ``refiner.class_names[j]``); ``fusion_weight`` overrides the refiner's lambda."""
+    lam = refiner.fusion_weight if fusion_weight is None else float(fusion_weight)
+    if lam == 0.0 or not results:
+        return [dict(r) for r in results]
+    return fuse_results(results, clip_probs_for_results(refiner, images, results), category_ids, lam)
+
+
+def fit_refiner(teacher, class_names: Sequence[str], category_ids: Sequence[int], val_split,
+                val_results: Sequence[Mapping], *, objective: str | None = None,
+                grid: Sequence[float] = DEFAULT_GRID, split_name: str = "val") -> "Refiner":
+    """A :class:`Refiner` for a model whose classes are ``class_names`` (catalog ids
+    ``category_ids``), its fusion weight chosen by grid search on ``val_split``
+    (a :class:`fewshot.evaluation.EvalSplit`) given the model's ``val_results`` there.
+
+    ``objective`` defaults to HM50 when the split has novel classes (new classes gain,
+    old ones must not pay for it) and to AP50 otherwise. The grid's scores are kept in
+    ``refiner.selection`` so the choice can be shown next to the model version."""
+    objective = objective or ("HM50" if val_split.novel_ids else "AP50")
+    refiner = Refiner.build(teacher, class_names)
+    keep = set(val_split.base_ids) | set(val_split.novel_ids)
+    results = [r for r in val_results if r["category_id"] in keep]
+    probs = clip_probs_for_results(refiner, val_split.images, results)
+    lam, table = choose_fusion_weight(results, probs, val_split.gt, grid, category_ids=category_ids,
+                                      base_ids=val_split.base_ids, novel_ids=val_split.novel_ids,
+                                      objective=objective)
+    refiner.fusion_weight = lam
+    refiner.selection = {"objective": objective, "split": split_name,
+                         "images": len(val_split.gt["images"]), "grid": table}
+    return refiner
 
 
 class Refiner:

@@ -1,0 +1,239 @@
+"""The ablation of the seed methods: baseline / +PGB / +gradient-norm / +distillation /
++refinement / all, at several shot counts and seeds, as mean nAP50 and bAP50 with 95% CIs.
+
+    python jobs/ablation.py --teacher embedded --shots 1,5,10 --seeds 5
+
+Each (shots, seed) draw is one Ray task (one CPU) that fine-tunes every variant from the same
+expanded base model on the same support set (fewshot.ablation_protocol). The driver shows the
+progress, prints the table, and logs it (markdown + CSV + a plot, and one metric per cell) to
+an MLflow run in the experiment ``fewshot-ablation``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[1] / "platform"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from catalog import default_root
+    from fewshot.ablation_protocol import VARIANTS
+    from fewshot.freezing import POLICIES
+    from fewshot.registry import DEFAULT_MODEL_NAME
+
+    p = argparse.ArgumentParser(
+        description="Ablation of the seed methods on a class split: every variant fine-tunes the "
+                    "same base model on the same K-shot draws; prints mean nAP50/bAP50 with 95%% "
+                    "confidence intervals over seeds and logs the table to MLflow.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--catalog", default=str(default_root()), help="catalog root ($FEWSHOT_CATALOG)")
+    p.add_argument("--dataset", default="synthworld", help="dataset in the catalog")
+    p.add_argument("--class-split", default="split1",
+                   help="class split whose novel classes are added (its base classes must be the "
+                        "base model's)")
+    p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking server ($MLFLOW_TRACKING_URI); the base model comes from "
+                        "its registry unless --checkpoint is given")
+    p.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered detector")
+    p.add_argument("--base-version", type=int, default=None,
+                   help="registered version to start from (default: the newest base_train version)")
+    p.add_argument("--checkpoint", default=None, help="a detector.pt to start from instead of the registry")
+    p.add_argument("--shots", default="1,5,10", help="comma-separated shot counts K")
+    p.add_argument("--seeds", type=int, default=5, help="K-shot draws (seeds 0..N-1) per shot count")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--teacher", default="embedded",
+                   help="CLIP teacher spec for distillation and refinement (see jobs/add_classes.py)")
+    p.add_argument("--freeze", default="backbone", choices=POLICIES,
+                   help="what trains in every variant; balancers and distillation act on the "
+                        "shared RoI feature, so the box head must train (backbone or none)")
+    p.add_argument("--steps", type=int, default=100, help="fine-tuning steps per variant")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
+    p.add_argument("--balancer-momentum", type=float, default=0.9, help="balancer smoothing")
+    p.add_argument("--distill-beta", type=float, default=1.0, help="distillation weight beta")
+    p.add_argument("--test-images", type=int, default=150, help="test images scored per draw")
+    p.add_argument("--val-images", type=int, default=100,
+                   help="val images the refinement fusion weight is chosen on")
+    p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per draw")
+    p.add_argument("--ray-address", default=None, help="Ray cluster (default: this machine's, else a new one)")
+    p.add_argument("--experiment", default="fewshot-ablation", help="MLflow experiment")
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    return p
+
+
+def resolve_parent(args, work: Path):
+    from fewshot import registry
+    from fewshot.checkpoint import load_checkpoint
+
+    if args.checkpoint:
+        return load_checkpoint(args.checkpoint), f"file:{Path(args.checkpoint).resolve()}"
+    version = args.base_version
+    if version is None:
+        base = [v for v in registry.list_versions(args.mlflow_uri, args.model_name)
+                if v.tags.get("job") == "base_train"]
+        if not base:
+            raise SystemExit(f"error: {args.model_name!r} has no base_train version; pass --base-version")
+        version = max(v.version for v in base)
+    path = registry.download_checkpoint(args.mlflow_uri, args.model_name, version, work)
+    return load_checkpoint(path), f"models:/{args.model_name}/{version}"
+
+
+def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[str, list[dict]]:
+    """The markdown table and its cells (mean and 95% CI of nAP50 and bAP50, in points)."""
+    from fewshot.stats import mean_ci95
+
+    cells = []
+    lines = ["| variant | " + " | ".join(f"{k}-shot nAP50 | {k}-shot bAP50" for k in shots) + " |",
+             "|---|" + "---|---|" * len(shots)]
+    for v in variants:
+        parts = []
+        for k in shots:
+            sel = [r for r in rows if r["variant"] == v and r["shots"] == k]
+            n = mean_ci95(r["nAP50"] for r in sel)
+            b = mean_ci95(r["bAP50"] for r in sel)
+            cells.append({"variant": v, "shots": k, "nAP50": n, "bAP50": b})
+            parts += [n.format(), b.format()]
+        lines.append(f"| {v} | " + " | ".join(parts) + " |")
+    return "\n".join(lines), cells
+
+
+def verdicts(cells: list[dict], shots: list[int]) -> list[str]:
+    """The issue's goal, checked: 'all' vs 'baseline' per shot count."""
+    out = []
+    get = {(c["variant"], c["shots"]): c for c in cells}
+    for k in shots:
+        a, b = get.get(("all", k)), get.get(("baseline", k))
+        if a is None or b is None:
+            continue
+        d_n = (a["nAP50"].mean - b["nAP50"].mean) * 100
+        d_b = (a["bAP50"].mean - b["bAP50"].mean) * 100
+        sep = "non-overlapping" if not a["nAP50"].overlaps(b["nAP50"]) else "overlapping"
+        out.append(f"{k}-shot: all - baseline = {d_n:+.1f} nAP50 ({sep} 95% CIs), {d_b:+.1f} bAP50")
+    return out
+
+
+def plot(cells: list[dict], variants: list[str], shots: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("nAP50", "bAP50")):
+        for i, v in enumerate(variants):
+            sel = [c for c in cells if c["variant"] == v]
+            xs = [shots.index(c["shots"]) + (i - len(variants) / 2) * 0.08 for c in sel]
+            ax.errorbar(xs, [c[metric].mean * 100 for c in sel],
+                        yerr=[0 if c[metric].half_width != c[metric].half_width else c[metric].half_width * 100
+                              for c in sel], fmt="o-", capsize=3, label=v)
+        ax.set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
+        ax.set_ylabel(f"{metric} (points, mean ± 95% CI)")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import mlflow
+    import ray
+    from tqdm.auto import tqdm
+
+    from catalog import Catalog
+    from fewshot import ray_train, tracking
+    from fewshot.ablation_protocol import UnitSpec, check_variants, run_unit
+    from fewshot.training import TrainConfig
+
+    shots = [int(k) for k in args.shots.split(",") if k.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        check_variants(variants, args.teacher)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not args.mlflow_uri:
+        print("error: no MLflow server: pass --mlflow-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="fewshot-ablation-"))
+    parent, parent_ref = resolve_parent(args, work)
+    split = Catalog(args.catalog).manifest(args.dataset).class_split(args.class_split)
+    if sorted(parent.classes) != sorted(split.base):
+        print(f"error: the base model's classes {parent.classes} are not the base classes of "
+              f"{args.class_split} {list(split.base)}", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      warmup_steps=min(20, args.steps // 5), log_every=max(1, args.steps))
+
+    ray_train.ensure_ray(args.ray_address)
+    parent_ref_obj = ray.put(parent)
+
+    @ray.remote(num_cpus=args.cpus_per_task)
+    def unit(spec: UnitSpec, parent_ckpt) -> list[dict]:
+        import torch
+
+        torch.set_num_threads(args.cpus_per_task)
+        return run_unit(spec, parent_ckpt)
+
+    specs = [UnitSpec(catalog_root=args.catalog, dataset=args.dataset, new_classes=tuple(split.novel),
+                      shots=k, seed=s, variants=tuple(variants), train=cfg, freeze=args.freeze,
+                      balancer_momentum=args.balancer_momentum, distill_beta=args.distill_beta,
+                      teacher_spec=args.teacher, test_images=args.test_images,
+                      val_images=args.val_images)
+             for k in shots for s in range(args.seeds)]
+    started = time.time()
+    pending = {unit.remote(spec, parent_ref_obj): spec for spec in specs}
+    rows: list[dict] = []
+    with tqdm(total=len(specs), desc="ablation draws", unit="draw") as bar:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(done[0])
+            got = ray.get(done[0])
+            rows += got
+            bar.update(1)
+            bar.write(f"{spec.shots}-shot seed {spec.seed}: " + ", ".join(
+                f"{r['variant']} n{r['nAP50'] * 100:.1f}/b{r['bAP50'] * 100:.1f}" for r in got))
+    elapsed = time.time() - started
+
+    table, cells = summarize(rows, variants, shots)
+    notes = verdicts(cells, shots)
+    print("\nmean nAP50 / bAP50 in points, ± the 95% confidence interval over "
+          f"{args.seeds} seeds ({args.test_images} test images each):\n")
+    print(table)
+    for n in notes:
+        print(n)
+    print(f"\n{len(specs)} draws in {elapsed / 60:.1f} min")
+
+    with tracking.start_run(args.mlflow_uri, args.experiment, f"ablation-{args.class_split}",
+                            tags={"job": "ablation", "base_model": parent_ref}):
+        tracking.log_params({"class_split": args.class_split, "shots": shots, "seeds": args.seeds,
+                             "variants": variants, "teacher": args.teacher, "freeze": args.freeze,
+                             "distill_beta": args.distill_beta, "test_images": args.test_images,
+                             "val_images": args.val_images, "base_model": parent_ref,
+                             **cfg.to_dict()})
+        for c in cells:
+            for metric in ("nAP50", "bAP50"):
+                mlflow.log_metric(f"{metric}_{c['variant']}_{c['shots']}shot", c[metric].mean)
+                if c[metric].n > 1:
+                    mlflow.log_metric(f"{metric}_{c['variant']}_{c['shots']}shot_ci95", c[metric].half_width)
+        mlflow.log_text(table + "\n\n" + "\n".join(notes) + "\n", "ablation.md")
+        mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "ablation_runs.json")
+        plot(cells, variants, shots, work / "ablation.png")
+        mlflow.log_artifact(str(work / "ablation.png"))
+    if args.out:
+        Path(args.out).write_text(table + "\n\n" + "\n".join(notes) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
