@@ -9,6 +9,14 @@ NOVEL="${NOVEL:-}"          # default: the 5 novel classes of split1
 SHOTS="${SHOTS:-10}"
 BASE_STEPS="${BASE_STEPS:-700}"
 ADD_STEPS="${ADD_STEPS:-150}"
+# CLIP teacher for refinement: the embedded domain teacher when it has been trained
+# (python jobs/pretrain_teacher.py, ~15 min on 2 cores); TEACHER=none turns it off.
+TEACHER_FILE="${FEWSHOT_TEACHER_DIR:-$HOME/.cache/fewshot/teachers}/embedded-teacher.pt"
+if [ -z "${TEACHER:-}" ]; then
+  if [ -f "$TEACHER_FILE" ]; then TEACHER="embedded"; else TEACHER="none"; fi
+fi
+TEACHER_ARGS=()
+[ "$TEACHER" != "none" ] && TEACHER_ARGS=(--teacher "$TEACHER")
 start=$(date +%s)
 step() { printf '\n== %s (%ds)\n' "$1" $(( $(date +%s) - start )); }
 
@@ -44,6 +52,11 @@ step "4/6 Ray Serve: the detector endpoint"
 bash infra/deploy_serve.sh
 
 step "5/6 add classes (ray job submit -- python jobs/add_classes.py)"
+if [ "$TEACHER" = "none" ]; then
+  echo "no CLIP teacher ($TEACHER_FILE missing): no refinement; train one with python jobs/pretrain_teacher.py"
+else
+  echo "CLIP refinement with teacher '$TEACHER' (the fusion weight is chosen on val)"
+fi
 if [ -z "$NOVEL" ]; then
   NOVEL=$(python - <<'PY'
 import sys
@@ -60,7 +73,8 @@ if [ -z "$missing" ]; then
 else
   ray job submit --address "$RAY_JOB_ADDRESS" --working-dir . -- \
     python jobs/add_classes.py --catalog "$FEWSHOT_CATALOG" --mlflow-uri "$MLFLOW_TRACKING_URI" \
-      --model-name "$MODEL" --classes "$missing" --shots "$SHOTS" --steps "$ADD_STEPS"
+      --model-name "$MODEL" --classes "$missing" --shots "$SHOTS" --steps "$ADD_STEPS" \
+      "${TEACHER_ARGS[@]}"
 fi
 
 step "6/6 ask the endpoint"

@@ -26,3 +26,16 @@ def tiny_catalog(tmp_path_factory) -> Catalog:
 def mlflow_uri(tmp_path_factory):
     with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_spec(tmp_path_factory) -> str:
+    """An (untrained) embedded OpenCLIP teacher saved to a file: the teacher spec tests pass."""
+    import torch
+
+    from fewshot.teacher import create_embedded_model, save_embedded_teacher
+
+    torch.manual_seed(0)
+    model, name = create_embedded_model()
+    path = save_embedded_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", model, model_name=name)
+    return f"embedded:{path}"

@@ -77,7 +77,7 @@ def cluster(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_whole_loop(cluster, tiny_catalog, mlflow_uri):
+def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     manifest = tiny_catalog.manifest("synthworld")
     split = manifest.class_split("split1")
     novel = list(split.novel[:2])
@@ -101,6 +101,9 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri):
     url = f"http://127.0.0.1:{port}"
     assert requests.get(f"{url}/healthz", timeout=10).json()["model"]["version"] == 1
     image = tiny_catalog.read_split("synthworld", "test").slice(0, 1).column("image")[0].as_py()
+    first = requests.post(f"{url}/v1/detect", data=image, timeout=60).json()
+    assert first["refinement"]["applied"] is False  # version 1 was trained without a teacher
+    assert "no CLIP refiner" in first["refinement"]["reason"]
 
     statuses: list[int] = []
     versions: set[int] = set()
@@ -119,7 +122,9 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri):
     try:
         out = submit(cluster, ["jobs/add_classes.py", "--classes", ",".join(novel), "--shots", "2",
                                "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0",
-                               "--cpus-per-worker", "1", *common])
+                               "--cpus-per-worker", "1", "--freeze", "backbone", "--balancer", "pgb",
+                               "--teacher", tiny_teacher_spec, "--distill-beta", "0.5",
+                               "--max-val-images", "8", *common])
         assert "as 'champion'" in out
         deadline = time.time() + 120
         while time.time() < deadline and 2 not in versions:
@@ -129,6 +134,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri):
         sender.join(timeout=60)
 
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert "embedding" in out and "choosing the CLIP fusion weight on 8 val images" in out
     assert versions == {1, 2}, versions
 
     classes = requests.get(f"{url}/v1/classes", timeout=10).json()
@@ -141,6 +147,20 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri):
     assert body["model"]["version"] == 2 and body["image"] == {"width": 160, "height": 160}
     for det in body["detections"]:
         assert det["label"] in classes["classes"] and len(det["box"]) == 4
+
+    # version 2 carries a CLIP refiner: applied by default, off on request, weight = the tag
+    v2 = registry.get_version(mlflow_uri, MODEL, 2)
+    weight = float(v2.tags["refine_fusion_weight"])
+    assert 0.0 <= weight <= 1.0 and v2.tags["refine_teacher"].startswith("embedded-")
+    assert v2.tags["distill_beta"] == "0.5" and v2.tags["balancer"] == "pgb"
+    assert v2.tags["freeze"] == "backbone" and v2.tags["config_source"] == "flags"
+    assert body["refinement"] == {"applied": True, "fusion_weight": weight,
+                                  "teacher": v2.tags["refine_teacher"]}
+    for det in body["detections"]:
+        assert "det_score" in det
+    off = requests.post(f"{url}/v1/detect?refine=false", data=image, timeout=30).json()
+    assert off["refinement"]["applied"] is False and off["refinement"]["fusion_weight"] == weight
+    assert all("det_score" not in d for d in off["detections"])
 
     v2 = registry.get_version(mlflow_uri, MODEL, 2)
     assert v2.parent_version == 1 and v2.tags["parent_version"] == "1"
