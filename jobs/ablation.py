@@ -120,30 +120,6 @@ def verdicts(cells: list[dict], shots: list[int]) -> list[str]:
     return out
 
 
-def plot(cells: list[dict], variants: list[str], shots: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("nAP50", "bAP50")):
-        for i, v in enumerate(variants):
-            sel = [c for c in cells if c["variant"] == v]
-            xs = [shots.index(c["shots"]) + (i - len(variants) / 2) * 0.08 for c in sel]
-            ax.errorbar(xs, [c[metric].mean * 100 for c in sel],
-                        yerr=[0 if c[metric].half_width != c[metric].half_width else c[metric].half_width * 100
-                              for c in sel], fmt="o-", capsize=3, label=v)
-        ax.set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
-        ax.set_ylabel(f"{metric} (points, mean ± 95% CI)")
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import mlflow
@@ -153,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from catalog import Catalog
     from fewshot import ray_train, tracking
     from fewshot.ablation_protocol import UnitSpec, check_variants, run_unit
+    from fewshot.plots import ablation_figure
     from fewshot.training import TrainConfig
 
     shots = [int(k) for k in args.shots.split(",") if k.strip()]
@@ -228,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                     mlflow.log_metric(f"{metric}_{c['variant']}_{c['shots']}shot_ci95", c[metric].half_width)
         mlflow.log_text(table + "\n\n" + "\n".join(notes) + "\n", "ablation.md")
         mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "ablation_runs.json")
-        plot(cells, variants, shots, work / "ablation.png")
-        mlflow.log_artifact(str(work / "ablation.png"))
+        fig = ablation_figure(cells, variants, shots)
+        mlflow.log_figure(fig, "ablation.png")
     if args.out:
         Path(args.out).write_text(table + "\n\n" + "\n".join(notes) + "\n")
     return 0

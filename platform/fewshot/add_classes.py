@@ -274,9 +274,7 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
                               cpus_per_worker=opts.cpus_per_worker, storage_path=opts.storage_path,
                               name=f"add-{run.info.run_id[:8]}")
         refiner = _fit_refiner(plan, catalog, final, child_classes, child_ids, opts) if refine else None
-        if refiner is not None:
-            mlflow.log_metric("refine_fusion_weight", refiner.fusion_weight)
-            mlflow.log_dict(refiner.selection, "refinement_selection.json")
+        refine_tags = tracking.log_refinement(refiner) if refiner is not None else {}
 
         print(f"evaluating parent and child on the {eval_split} split ...", flush=True)
         base_names = list(parent_ckpt.classes)
@@ -305,10 +303,7 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
                        "freeze": opts.freeze, "config_source": config_source,
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
                                              "steps": opts.train.steps}, sort_keys=True)}
-        if refiner is not None:
-            method_tags.update({"refine_fusion_weight": f"{refiner.fusion_weight:g}",
-                                "refine_teacher": refiner.teacher_id,
-                                "refine_objective": refiner.selection.get("objective", "")})
+        method_tags.update(refine_tags)
         version = registry.register_detector(
             opts.mlflow_uri, opts.model_name, final, classes=child_classes, class_set=class_set.id,
             parent_version=plan.parent.version, shots=opts.shots,

@@ -150,10 +150,7 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
             refiner = _fit_refiner(catalog, opts, teacher, final, classes, category_ids)
             report = score(load_checkpoint(final), load_eval_split(
                 catalog, opts.dataset, eval_split, classes, max_images=opts.max_eval_images), refiner=refiner)
-            mlflow.log_metric("refine_fusion_weight", refiner.fusion_weight)
-            mlflow.log_dict(refiner.selection, "refinement_selection.json")
-            refine_tags = {"refine_fusion_weight": f"{refiner.fusion_weight:g}",
-                           "refine_teacher": refiner.teacher_id}
+            refine_tags = tracking.log_refinement(refiner)
         tracking.log_eval_report(report, prefix="test_")
         save_class_set(catalog, class_set)
         version = registry.register_detector(

@@ -196,7 +196,7 @@ def fit_refiner(teacher, class_names: Sequence[str], category_ids: Sequence[int]
                                       base_ids=val_split.base_ids, novel_ids=val_split.novel_ids,
                                       objective=objective)
     refiner.fusion_weight = lam
-    refiner.selection = {"objective": objective, "split": split_name,
+    refiner.selection = {"objective": objective, "split": split_name, "chosen": lam,
                          "images": len(val_split.gt["images"]), "grid": table}
     return refiner
 

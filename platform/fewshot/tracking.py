@@ -38,3 +38,19 @@ def log_eval_report(report: EvalReport, prefix: str, novel: set[str] | None = No
 def eval_tags(report: EvalReport) -> dict[str, str]:
     """Evaluation figures as registry tags (4 decimals; NaN ones left out)."""
     return {k: f"{v:.4f}" for k, v in report.headline().items() if not math.isnan(v)}
+
+
+def log_refinement(refiner) -> dict[str, str]:
+    """The chosen CLIP fusion weight, the grid it was chosen from (JSON and a plot) in the
+    active run; returns the version tags that record it."""
+    import matplotlib.pyplot as plt
+
+    from fewshot.plots import fusion_weight_figure
+
+    mlflow.log_metric("refine_fusion_weight", refiner.fusion_weight)
+    mlflow.log_dict(refiner.selection, "refinement/selection.json")
+    fig = fusion_weight_figure(refiner.selection)
+    mlflow.log_figure(fig, "refinement/fusion_weight.png")
+    plt.close(fig)
+    return {"refine_fusion_weight": f"{refiner.fusion_weight:g}", "refine_teacher": refiner.teacher_id,
+            "refine_objective": str(refiner.selection.get("objective", ""))}
