@@ -105,18 +105,24 @@ def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[
     return "\n".join(lines), cells
 
 
-def verdicts(cells: list[dict], shots: list[int]) -> list[str]:
-    """The issue's goal, checked: 'all' vs 'baseline' per shot count."""
+def verdicts(rows: list[dict], cells: list[dict], shots: list[int]) -> list[str]:
+    """The issue's goal, checked: 'all' against 'baseline' per shot count, as the two
+    intervals and as the paired difference over the same draws (same seed, same support set)."""
+    from fewshot.stats import mean_ci95
+
     out = []
     get = {(c["variant"], c["shots"]): c for c in cells}
+    by = {(r["variant"], r["shots"], r["seed"]): r for r in rows}
     for k in shots:
         a, b = get.get(("all", k)), get.get(("baseline", k))
         if a is None or b is None:
             continue
-        d_n = (a["nAP50"].mean - b["nAP50"].mean) * 100
-        d_b = (a["bAP50"].mean - b["bAP50"].mean) * 100
+        seeds = sorted({s for (v, kk, s) in by if v == "all" and kk == k and ("baseline", k, s) in by})
+        paired = {m: mean_ci95(by[("all", k, s)][m] - by[("baseline", k, s)][m] for s in seeds)
+                  for m in ("nAP50", "bAP50")}
         sep = "non-overlapping" if not a["nAP50"].overlaps(b["nAP50"]) else "overlapping"
-        out.append(f"{k}-shot: all - baseline = {d_n:+.1f} nAP50 ({sep} 95% CIs), {d_b:+.1f} bAP50")
+        out.append(f"{k}-shot: all - baseline = {paired['nAP50'].format()} nAP50 (paired over "
+                   f"{len(seeds)} draws; the two intervals are {sep}), {paired['bAP50'].format()} bAP50")
     return out
 
 
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - started
 
     table, cells = summarize(rows, variants, shots)
-    notes = verdicts(cells, shots)
+    notes = verdicts(rows, cells, shots)
     print("\nmean nAP50 / bAP50 in points, ± the 95% confidence interval over "
           f"{args.seeds} seeds ({args.test_images} test images each):\n")
     print(table)

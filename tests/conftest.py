@@ -39,3 +39,15 @@ def tiny_teacher_spec(tmp_path_factory) -> str:
     model, name = create_embedded_model()
     path = save_embedded_teacher(tmp_path_factory.mktemp("teacher") / "teacher.pt", model, model_name=name)
     return f"embedded:{path}"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray cluster of this test module's own (never one already running on the machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

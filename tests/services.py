@@ -61,3 +61,51 @@ def mlflow_server(state: Path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+
+
+def load_job(name: str):
+    """Import ``jobs/<name>.py`` as a module (the jobs are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_job", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def untrained_base_checkpoint(catalog, path: Path, class_split: str = "split1",
+                              class_set: str = "cs-test") -> Path:
+    """A ``cpu-small`` detector over a class split's base classes, saved untrained (seed 0)."""
+    import torch
+
+    from fewshot.checkpoint import save_checkpoint
+    from fewshot.config import preset
+    from fewshot.detector import build_detector
+
+    manifest = catalog.manifest("synthworld")
+    classes = list(manifest.class_split(class_split).base)
+    ids = [manifest.category_by_name()[c].id for c in classes]
+    cfg = preset("cpu-small")
+    torch.manual_seed(0)
+    return save_checkpoint(path, build_detector(cfg, len(classes) + 1), cfg, classes, ids,
+                           "synthworld", class_set)
+
+
+def register_champion(catalog, uri: str, model: str, path: Path, experiment: str):
+    """Register an untrained base model as ``model``'s champion; returns its VersionInfo."""
+    import mlflow
+
+    from fewshot import registry
+
+    ckpt_path = untrained_base_checkpoint(catalog, path)
+    from fewshot.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run():
+        v = registry.register_detector(uri, model, ckpt_path, classes=ckpt.classes,
+                                       class_set=ckpt.class_set, parent_version=None, shots=None,
+                                       extra_tags={"dataset": "synthworld"})
+    registry.set_alias(uri, model, registry.CHAMPION, v.version)
+    return v

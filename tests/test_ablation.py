@@ -5,26 +5,16 @@ import math
 import mlflow
 import pytest
 import ray
-import torch
 
 from fewshot.ablation_protocol import VARIANTS, UnitSpec, check_variants, run_unit
-from fewshot.checkpoint import save_checkpoint
-from fewshot.config import preset
-from fewshot.detector import build_detector
 from fewshot.refinement import DEFAULT_GRID
 from fewshot.training import TrainConfig
+from services import load_job, untrained_base_checkpoint
 
 
 @pytest.fixture(scope="module")
 def base_checkpoint(tiny_catalog, tmp_path_factory):
-    manifest = tiny_catalog.manifest("synthworld")
-    split = manifest.class_split("split1")
-    by_name = manifest.category_by_name()
-    torch.manual_seed(0)
-    config = preset("cpu-small")
-    model = build_detector(config, num_classes=len(split.base) + 1)
-    return save_checkpoint(tmp_path_factory.mktemp("base") / "detector.pt", model, config,
-                           list(split.base), [by_name[c].id for c in split.base], "synthworld", "cs")
+    return untrained_base_checkpoint(tiny_catalog, tmp_path_factory.mktemp("base") / "detector.pt")
 
 
 def test_check_variants():
@@ -59,13 +49,7 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
 @pytest.mark.integration
 def test_ablation_job_logs_the_table(tiny_catalog, base_checkpoint, tiny_teacher_spec, mlflow_uri,
                                      tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "jobs" / "ablation.py"
-    spec = importlib.util.spec_from_file_location("ablation_job", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_job("ablation")
     out = tmp_path / "table.md"
     try:
         code = job.main([

@@ -2,49 +2,21 @@
 
 Runs against a real MLflow tracking server (sqlite store) with a registered champion.
 """
-import importlib.util
-from pathlib import Path
 
-import mlflow
 import pytest
-import torch
 
 from fewshot import registry
 from fewshot.add_classes import AddClassesError, AddClassesOptions, validate
-from fewshot.checkpoint import save_checkpoint
-from fewshot.config import preset
-from fewshot.detector import build_detector
+from services import load_job, register_champion
 
 MODEL = "validation-detector"
 
 
-def _load_job():
-    path = Path(__file__).resolve().parents[1] / "jobs" / "add_classes.py"
-    spec = importlib.util.spec_from_file_location("add_classes_job", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def champion(tiny_catalog, mlflow_uri, tmp_path_factory):
-    manifest = tiny_catalog.manifest("synthworld")
-    split = manifest.class_split("split1")
-    classes = list(split.base)
-    ids = [manifest.category_by_name()[c].id for c in classes]
-    cfg = preset("cpu-small")
-    torch.manual_seed(0)
-    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "detector.pt",
-                           build_detector(cfg, len(classes) + 1), cfg, classes, ids,
-                           "synthworld", "cs-test")
-    mlflow.set_tracking_uri(mlflow_uri)
-    mlflow.set_experiment("validation")
-    with mlflow.start_run():
-        v = registry.register_detector(mlflow_uri, MODEL, path, classes=classes, class_set="cs-test",
-                                       parent_version=None, shots=None,
-                                       extra_tags={"dataset": "synthworld"})
-    registry.set_alias(mlflow_uri, MODEL, registry.CHAMPION, v.version)
-    return {"version": v, "split": split}
+    v = register_champion(tiny_catalog, mlflow_uri, MODEL,
+                          tmp_path_factory.mktemp("ckpt") / "detector.pt", "validation")
+    return {"version": v, "split": tiny_catalog.manifest("synthworld").class_split("split1")}
 
 
 def _registry_state(uri):
@@ -77,7 +49,7 @@ def test_bad_input_is_rejected_and_registry_untouched(case, tiny_catalog, mlflow
     before = _registry_state(mlflow_uri)
     with pytest.raises(AddClassesError, match=expected):
         validate(_opts(tiny_catalog, mlflow_uri, classes, shots))
-    job = _load_job()
+    job = load_job("add_classes")
     code = job.main(["--classes", ",".join(classes), "--shots", str(shots), "--catalog",
                      str(tiny_catalog.root), "--mlflow-uri", mlflow_uri, "--model-name", MODEL])
     assert code == 2

@@ -6,7 +6,6 @@ Real Ray (a local cluster), a real MLflow server, real pycocotools evaluation.
 from pathlib import Path
 
 import pytest
-import ray
 
 from catalog import Catalog
 from catalog.importers import import_voc
@@ -15,18 +14,10 @@ from fewshot.add_classes import AddClassesOptions, run_add_classes
 from fewshot.base_training import BaseTrainOptions, run_base_training
 from fewshot.training import TrainConfig
 
+
 BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
 MODEL = "bccd-detector"
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def test_base_then_add_classes_on_imported_voc(tmp_path, mlflow_uri, local_ray):

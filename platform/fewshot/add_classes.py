@@ -160,29 +160,29 @@ def validate(opts: AddClassesOptions) -> Plan:
 
 
 def apply_config(opts: AddClassesOptions) -> tuple[AddClassesOptions, str]:
-    """``opts`` with the tuned values of ``opts.config`` applied; ``(opts, source)``."""
+    """``opts`` with the tuned values of ``opts.config`` applied; ``(opts, source)``.
+
+    A config stored by ``jobs/tune.py`` (``--config best``) also brings the freezing policy
+    its trials trained with (the balancer and beta act only where the box head trains)."""
     if not opts.config:
         return opts, "flags"
-    from fewshot.tuned_configs import load_config
+    from fewshot.tuned_configs import load_best_record, load_config, train_config
 
     try:
         cfg, source = load_config(opts.config, opts.mlflow_uri, opts.model_name)
+        freeze = opts.freeze
+        if opts.config.strip() == "best":
+            freeze = load_best_record(opts.mlflow_uri, opts.model_name).get("tuned_for", {}).get("freeze", freeze)
     except ValueError as err:
         raise AddClassesError(f"--config {opts.config}: {err}") from None
-    train = opts.train
-    if "lr" in cfg or "steps" in cfg:
-        steps = int(cfg.get("steps", train.steps))
-        train = dc_replace(train, lr=float(cfg.get("lr", train.lr)), steps=steps,
-                           warmup_steps=min(train.warmup_steps, steps // 5))
     new = dc_replace(
-        opts, train=train,
+        opts, train=train_config(cfg, opts.train), freeze=freeze,
         balancer=cfg.get("balancer", opts.balancer) or None,
         balancer_momentum=float(cfg.get("balancer_momentum", opts.balancer_momentum)),
         distill_beta=float(cfg.get("distill_beta", opts.distill_beta)),
-        freeze=cfg.get("freeze", opts.freeze),
     )
     if new.distill_beta > 0 and not new.teacher:
-        raise AddClassesError(f"--config {opts.config} distils (beta {new.distill_beta}): pass --teacher")
+        raise AddClassesError(f"--config {opts.config} distils (beta {new.distill_beta:g}): pass --teacher")
     return new, source
 
 

@@ -1,0 +1,168 @@
+"""Ray Tune over add_classes fine-tuning, end to end at tiny scale.
+
+A local Ray cluster started here, a real MLflow server (conftest), an untrained tiny champion:
+``jobs/tune.py`` runs a 3-trial ASHA search and must leave one parent run with one nested run
+per trial (params and a step-indexed val curve each) and a best configuration that
+``fewshot.tuned_configs.load_config("best", ...)`` returns.
+"""
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from fewshot import registry, tuning
+from fewshot.add_classes import AddClassesOptions, run_add_classes
+from fewshot.training import TrainConfig
+from fewshot.tuned_configs import BEST_CONFIG_TAG, TUNABLE_KEYS, load_config, normalize_config
+from services import load_job, register_champion
+
+MODEL = "tune-detector"
+EXPERIMENT = "tune-test"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def champion(tiny_catalog, mlflow_uri, tmp_path_factory):
+    v = register_champion(tiny_catalog, mlflow_uri, MODEL,
+                          tmp_path_factory.mktemp("ckpt") / "detector.pt", "tune-champion")
+    return {"version": v, "split": tiny_catalog.manifest("synthworld").class_split("split1")}
+
+
+def _in_space(config: dict, max_steps: int, eval_every: int, distill: bool) -> None:
+    assert set(config) == set(TUNABLE_KEYS)
+    assert config["balancer"] in ("fixed", "pgb", "gradnorm")
+    assert tuning.MOMENTUM_RANGE[0] <= config["balancer_momentum"] < tuning.MOMENTUM_RANGE[1]
+    assert config["distill_beta"] in (tuning.BETAS if distill else (0.0,))
+    assert tuning.LR_RANGE[0] <= config["lr"] <= tuning.LR_RANGE[1]
+    assert config["steps"] in tuning.step_choices(max_steps, eval_every)
+
+
+def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path,
+                                                 tiny_teacher_spec):
+    distill = True
+    novel = list(champion["split"].novel[:2])
+    max_steps, eval_every, samples = 4, 2, 3
+    code = load_job("tune").main([
+        "--catalog", str(tiny_catalog.root), "--mlflow-uri", mlflow_uri, "--model-name", MODEL,
+        "--experiment", EXPERIMENT, "--classes", ",".join(novel), "--shots", "2",
+        "--num-samples", str(samples), "--max-concurrent", "1", "--cpus-per-trial", "1",
+        "--max-steps", str(max_steps), "--eval-every", str(eval_every), "--grace-period", "2",
+        "--batch-size", "2", "--val-images", "20", "--teacher", tiny_teacher_spec,
+        "--storage-path", str(tmp_path / "ray_results"), "--quiet",
+    ])
+    assert code == 0
+
+    client = registry.client(mlflow_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs([exp.experiment_id], "tags.job = 'tune'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["tune_split"] == "val"
+    assert json.loads(parent.data.params["classes"]) == novel
+
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == samples
+    for child in children:
+        params = child.data.params
+        assert {"balancer", "balancer_momentum", "distill_beta", "lr", "steps", "freeze"} <= set(params)
+        assert params["freeze"] == "backbone"
+        history = client.get_metric_history(child.info.run_id, "val/HM50")
+        assert history, f"trial run {child.info.run_id} has no val curve"
+        steps = [m.step for m in history]
+        assert steps == sorted(steps) and steps[0] == eval_every
+        assert all(0.0 <= m.value <= 1.0 for m in history)
+        assert client.get_metric_history(child.info.run_id, "val/HM")
+        assert child.data.tags["tune.outcome"] in ("completed", "early_stopped")
+        assert child.info.status == "FINISHED"
+
+    # --max-concurrent 1: one trial after the other
+    spans = sorted((c.info.start_time, c.info.end_time) for c in children)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), spans
+
+    # the best configuration is stored on the registered model and loads back
+    tags = client.get_registered_model(MODEL).tags
+    assert tags[BEST_CONFIG_TAG] == parent.info.run_id
+    config, source = load_config("best", mlflow_uri, MODEL)
+    assert source == f"tune:{parent.info.run_id}"
+    _in_space(config, max_steps, eval_every, distill)
+    best_params = {k[len("best."):]: v for k, v in parent.data.params.items() if k.startswith("best.")}
+    assert best_params["lr"] == str(config["lr"]) and best_params["steps"] == str(config["steps"])
+    assert "best_val_HM50" in parent.data.metrics
+
+    # the record says what it was tuned for
+    local = client.download_artifacts(parent.info.run_id, "best_config.json", str(tmp_path))
+    record = json.loads(Path(local).read_text())
+    assert record["tuned_for"]["classes"] == novel and record["tuned_for"]["shots"] == 2
+    assert record["tuned_for"]["freeze"] == "backbone" and "HM50" in record["metrics"]
+
+    # add_classes --config best fine-tunes with it, and the new version says which it was
+    result = run_add_classes(AddClassesOptions(
+        catalog_root=str(tiny_catalog.root), mlflow_uri=mlflow_uri, classes=novel, shots=2,
+        model_name=MODEL, train=TrainConfig(steps=99, batch_size=2, lr=0.5, warmup_steps=1, log_every=1),
+        config="best", teacher=tiny_teacher_spec, refine=False, max_base_drop=1.0, max_eval_images=5,
+        cpus_per_worker=1, storage_path=str(tmp_path / "add")))
+    version_tags = registry.get_version(mlflow_uri, MODEL, result.version.version).tags
+    assert version_tags["config_source"] == f"tune:{parent.info.run_id}"
+    applied = json.loads(version_tags["config"])
+    for key in TUNABLE_KEYS:
+        assert applied[key] == config[key], key
+    assert version_tags["freeze"] == "backbone"  # what the trials trained with
+
+    # a file works too, as a record or as a flat mapping
+    as_file = tmp_path / "tuned.json"
+    as_file.write_text(json.dumps(record))
+    assert load_config(str(as_file), mlflow_uri, MODEL) == (config, f"file:{as_file.resolve()}")
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"lr": 1e-3, "balancer": "none"}))
+    assert load_config(str(flat), mlflow_uri, MODEL)[0] == {"lr": 1e-3, "balancer": None}
+
+
+def test_compare_best_and_default_on_test(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path):
+    """--compare-seeds' machinery at tiny scale (2 seeds, 2-step fine-tunes, 10 test images)."""
+    opts = tuning.TuneOptions(catalog_root=str(tiny_catalog.root), mlflow_uri=mlflow_uri, model_name=MODEL,
+                              classes=list(champion["split"].novel[:2]), shots=2, cpus_per_trial=1,
+                              batch_size=2, teacher=None, compare_seeds=2, test_images=10)
+    prep = tuning._prepare(opts, tmp_path)
+    tiny = {"balancer": "pgb", "balancer_momentum": 0.8, "distill_beta": 0.0, "lr": 1e-3, "steps": 2}
+    comp = tuning.compare_configs(prep, opts, tiny, default_config={**tuning.DEFAULT_CONFIG, "steps": 2})
+    assert comp.seeds == [1, 2] and comp.split == "test"
+    for table in (comp.best, comp.default):
+        assert len(table["HM"]) == 2 and all(0.0 <= v <= 1.0 for v in table["HM"])
+        assert table["summary"]["HM"]["mean"] == pytest.approx(sum(table["HM"]) / 2)
+    mlflow.set_experiment("tune-compare")
+    with mlflow.start_run() as run:
+        tuning.log_comparison(comp)
+    logged = registry.client(mlflow_uri).get_run(run.info.run_id).data.metrics
+    assert "compare_best_test_HM_mean" in logged and "compare_default_test_HM_ci95" in logged
+
+
+def test_load_config_errors(tiny_catalog, mlflow_uri, champion, tmp_path):
+    registry.client(mlflow_uri).create_registered_model("never-tuned")
+    with pytest.raises(ValueError, match="no tuned config stored"):
+        load_config("best", mlflow_uri, "never-tuned")
+    with pytest.raises(ValueError, match="not found"):
+        load_config("best", mlflow_uri, "no-such-model")
+    with pytest.raises(ValueError, match="not found"):
+        load_config(str(tmp_path / "missing.json"), mlflow_uri, MODEL)
+    bad = tmp_path / "bad.json"
+    for content, message in [({"lr": 1e-3, "lrr": 2}, "unknown config key"),
+                             ({"balancer": "adam"}, "balancer"), ({"lr": -1}, "lr"),
+                             ({"steps": 2.5}, "steps"), ({"balancer_momentum": 1.0}, "momentum"),
+                             ({}, "empty config")]:
+        bad.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=message):
+            load_config(str(bad), mlflow_uri, MODEL)
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(str(bad), mlflow_uri, MODEL)
+    with pytest.raises(ValueError, match="lacks"):
+        normalize_config({"lr": 1e-3}, require_all=True)
+
+
+def test_job_constants():
+    job = load_job("tune")
+    assert job.EXPERIMENT == tuning.EXPERIMENT and tuple(job.METRICS) == tuning.METRICS
+    assert job.main(["--base", "--mlflow-uri", "http://127.0.0.1:1"]) == 2
+    assert tuning.step_choices(150, 25) == [50, 75, 100, 150]
