@@ -53,7 +53,7 @@ def mlflow_server(state: Path):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{uri}/health", 120, proc, log)
+        wait_http(f"{uri}/health", 300, proc, log)  # a loaded 2-core machine can take minutes
         yield uri
     finally:
         os.killpg(proc.pid, 15)

@@ -101,8 +101,10 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
     result = run_add_classes(AddClassesOptions(
         catalog_root=str(tiny_catalog.root), mlflow_uri=mlflow_uri, classes=novel, shots=2,
         model_name=MODEL, train=TrainConfig(steps=99, batch_size=2, lr=0.5, warmup_steps=1, log_every=1),
-        config="best", teacher=tiny_teacher_spec, refine=False, max_base_drop=1.0, max_eval_images=5,
+        config="best", teacher=tiny_teacher_spec, refine=False, max_eval_images=5,
+        max_base_drop=-1.0,  # never promoted: the champion stays the base model for the next tests
         cpus_per_worker=1, storage_path=str(tmp_path / "add")))
+    assert not result.promoted
     version_tags = registry.get_version(mlflow_uri, MODEL, result.version.version).tags
     assert version_tags["config_source"] == f"tune:{parent.info.run_id}"
     applied = json.loads(version_tags["config"])
