@@ -8,6 +8,12 @@ class with everything but the new rows frozen by default (Ray Train), evaluate p
 (pycocotools), register version N+1 with ``parent_version``, and move ``champion`` only if the
 base classes' AP50 dropped by no more than ``max_base_drop``; otherwise the version gets
 ``candidate`` and the reason is printed and tagged.
+
+The learning method comes from the options (``fewshot.method.MethodConfig``): a task balancer,
+CLIP distillation (the teacher embeds the support boxes, which travel with the rows to the
+workers), and, with a teacher, CLIP refinement fitted on the val split and stored in the
+child's checkpoint, so the evaluation and the gate judge what Serve will serve. ``config``
+("best" or a JSON file) overrides them with what ``jobs/tune.py`` found.
 """
 from __future__ import annotations
 
@@ -22,17 +28,15 @@ import mlflow
 import pyarrow as pa
 import ray
 import ray.data
-import torch
 
 from catalog import IMAGE_SCHEMA, Catalog
 from catalog.class_sets import ClassSet, ClassSetNotFound, extend, load_class_set, save_class_set
 from catalog.kshot import count_instances, sample_support
 from fewshot import ray_train, registry, tracking
 from fewshot.checkpoint import load_checkpoint, save_checkpoint, update_extra
-from fewshot.data import TEACHER_EMB_KEY, class_index, rows_to_batch
-from fewshot.episode import predict, score
+from fewshot.data import TEACHER_EMB_KEY
+from fewshot.episode import Episode, expand_parent, predict, score
 from fewshot.evaluation import default_eval_split, load_eval_split
-from fewshot.expansion import expand_detector
 from fewshot.method import MethodConfig, TeacherEmbedder
 from fewshot.refinement import EXTRA_KEY as REFINER_KEY
 from fewshot.training import TrainConfig
@@ -226,16 +230,13 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
     novel_rows, replay_rows = sample_support(train_table, plan.new_ids, plan.old_ids, opts.shots,
                                              opts.seed, replay=opts.replay)
 
-    torch.manual_seed(opts.seed)
-    model = parent_ckpt.build_model()
-    index = class_index(child_ids)
-    images, targets = rows_to_batch(novel_rows, index)
-    replay_images, replay_targets = rows_to_batch(replay_rows, index)
-    expand_detector(model, images, targets, num_new=len(plan.new_classes),
-                    center_images=replay_images, center_targets=replay_targets)
+    episode = Episode(parent=parent_ckpt, dataset=plan.dataset, new_classes=plan.new_classes,
+                      new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
+                      novel_rows=novel_rows, replay_rows=replay_rows)
+    start = expand_parent(episode)  # one imprinted classifier row per new class
     # the parent's refiner knew the old classes only: the child gets its own (or none)
     extra = {k: v for k, v in parent_ckpt.extra.items() if k != REFINER_KEY}
-    init_path = save_checkpoint(work / "init.pt", model, parent_ckpt.config, child_classes,
+    init_path = save_checkpoint(work / "init.pt", start.build_model(), start.config, child_classes,
                                 child_ids, plan.dataset, class_set.id, extra)
     method = opts.method(plan.teacher.embed_dim if plan.teacher is not None else None)
 

@@ -370,7 +370,7 @@ def _prepare(opts: TuneOptions, work: Path) -> _Prepared:
     """Every input check, before anything is started or logged: add_classes' own checks
     (champion, dataset, unknown or already-served classes, enough instances, the teacher),
     plus a val split to tune on."""
-    classes = list(opts.classes)
+    classes = list(opts.classes or [])
     if not classes:
         catalog = Catalog(opts.catalog_root)
         champion = registry.get_alias(opts.mlflow_uri, opts.model_name, registry.CHAMPION)
