@@ -24,7 +24,7 @@ from fewshot.checkpoint import load_checkpoint, save_checkpoint, update_extra
 from fewshot.config import preset
 from fewshot.detector import build_detector
 from fewshot.episode import predict, score
-from fewshot.evaluation import default_eval_split, evaluate_checkpoint_on_split, load_eval_split
+from fewshot.evaluation import default_eval_split, load_eval_split
 from fewshot.method import MethodConfig
 from fewshot.training import TrainConfig
 
@@ -142,14 +142,15 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
                               cpus_per_worker=opts.cpus_per_worker, storage_path=opts.storage_path,
                               name=f"base-{opts.dataset}-{run.info.run_id[:8]}")
         print(f"evaluating on the {eval_split} split ...", flush=True)
-        report = evaluate_checkpoint_on_split(load_checkpoint(final), catalog, opts.dataset,
-                                              eval_split, classes,
-                                              max_images=opts.max_eval_images)
+        model_ckpt = load_checkpoint(final)
+        split = load_eval_split(catalog, opts.dataset, eval_split, classes, max_images=opts.max_eval_images)
+        results = predict(model_ckpt, split)
+        report = score(model_ckpt, split, results=results)
         refine_tags = {}
         if teacher is not None and opts.refine and manifest.splits.get("val"):
             refiner = _fit_refiner(catalog, opts, teacher, final, classes, category_ids)
-            report = score(load_checkpoint(final), load_eval_split(
-                catalog, opts.dataset, eval_split, classes, max_images=opts.max_eval_images), refiner=refiner)
+            mlflow.log_metrics({f"unrefined_{k}": v for k, v in report.headline().items()})
+            report = score(model_ckpt, split, refiner=refiner, results=results)  # what Serve serves
             refine_tags = tracking.log_refinement(refiner)
         tracking.log_eval_report(report, prefix="test_")
         save_class_set(catalog, class_set)
