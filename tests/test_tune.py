@@ -74,6 +74,8 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
         assert steps == sorted(steps) and steps[0] == eval_every
         assert all(0.0 <= m.value <= 1.0 for m in history)
         assert client.get_metric_history(child.info.run_id, "val/HM")
+        # every trial has a balancer: the weights it applied are logged with the curve
+        assert all(m.value > 0 for m in client.get_metric_history(child.info.run_id, "train/w_cls"))
         assert child.data.tags["tune.outcome"] in ("completed", "early_stopped")
         assert child.info.status == "FINISHED"
 

@@ -10,9 +10,9 @@ What one search does (``jobs/tune.py`` is the command line):
    split (the test split is never looked at while searching). All of it travels to the trials
    through the object store (``tune.with_parameters``), so trials need no shared disk.
 2. Every trial (:func:`run_trial`, one Ray actor holding ``cpus_per_trial`` CPUs) fine-tunes
-   that same expanded start with its sampled hyperparameters, the loop of
-   :func:`fewshot.method.finetune` written out so that every ``eval_every`` steps it scores the
-   current weights on val and calls ``ray.tune.report``. Configurations are drawn by Tune's
+   that same expanded start with its sampled hyperparameters through
+   :func:`fewshot.method.finetune`, whose logging callback scores the current weights on val
+   every ``eval_every`` steps and calls ``ray.tune.report``. Configurations are drawn by Tune's
    random search seeded with ``seed`` (a rerun tries the same ones); the ASHA scheduler stops
    the trials whose validation figure trails at a rung.
 3. A driver-side Tune callback (:class:`MlflowTrialLogger`) opens a nested MLflow run per trial
@@ -55,14 +55,12 @@ from catalog import Catalog
 from fewshot import registry, tracking
 from fewshot.add_classes import AddClassesError, AddClassesOptions, validate
 from fewshot.checkpoint import DetectorCheckpoint, load_checkpoint
-from fewshot.data import class_index, random_batches
 from fewshot.episode import expand_parent, sample_episode, score, to_checkpoint
 from fewshot.evaluation import EvalReport, EvalSplit, load_eval_split
 from fewshot.freezing import POLICIES
+from fewshot.method import BALANCERS, MethodConfig, TeacherEmbedder, finetune
 from fewshot.stats import mean_ci95
-from fewshot.method import (BALANCERS, MethodConfig, TeacherEmbedder, balancer_metrics, finetune,
-                            prepare_for_training)
-from fewshot.training import TrainConfig, lr_at, make_optimizer, train_step
+from fewshot.training import TrainConfig
 from fewshot.tuned_configs import TUNABLE_KEYS, method_config, save_best_config, train_config
 
 EXPERIMENT = "fewshot-tune"
@@ -217,28 +215,14 @@ def run_trial(config: dict, payload: TrialPayload) -> None:
         raise ValueError("this trial distils (beta > 0) but the search has no teacher")
     rows = payload.rows_with_teacher if method.distills else payload.rows
 
-    torch.manual_seed(payload.seed)
     model = payload.start.build_model()
-    balancer = prepare_for_training(model, method)
-    weights = balancer_metrics(balancer)
-    optimizer = make_optimizer(model, tcfg)
-    batches = random_batches(rows, class_index(payload.start.category_ids), tcfg.batch_size, payload.seed)
-    smoothed: dict[str, float] = {}
-    for step in range(tcfg.steps):
-        images, targets = next(batches)
-        lr = lr_at(step, tcfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        metrics = train_step(model, optimizer, images, targets, tcfg.grad_clip)
-        if weights is not None:
-            metrics.update({f"w_{k}": v for k, v in weights().items()})
-        for k, v in metrics.items():
-            smoothed[k] = v if k not in smoothed else 0.9 * smoothed[k] + 0.1 * v
-        done = step + 1
-        if done % payload.eval_every == 0 or done == tcfg.steps:
-            report = score(to_checkpoint(model, payload.start), payload.val)
-            tune.report({"step": done, **val_metrics(report), "lr": lr,
-                         **{f"train_{k}": v for k, v in smoothed.items()}})
+
+    def report(step: int, smoothed: dict[str, float]) -> None:  # every eval_every steps and the last
+        figures = val_metrics(score(to_checkpoint(model, payload.start), payload.val))
+        tune.report({"step": step, **figures, "lr": smoothed["lr"],
+                     **{f"train_{k}": v for k, v in smoothed.items() if k != "lr"}})
+
+    finetune(payload.start, rows, tcfg, method, seed=payload.seed, on_log=report, model=model)
 
 
 # ---- MLflow: one nested run per trial ----------------------------------------------------------
