@@ -33,9 +33,9 @@ from catalog import IMAGE_SCHEMA, Catalog
 from catalog.class_sets import ClassSet, ClassSetNotFound, extend, load_class_set, save_class_set
 from catalog.kshot import count_instances, sample_support
 from fewshot import ray_train, registry, tracking
-from fewshot.checkpoint import load_checkpoint, save_checkpoint, update_extra
+from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.data import TEACHER_EMB_KEY
-from fewshot.episode import Episode, expand_parent, predict, score
+from fewshot.episode import Episode, expand_parent, predict, refine_checkpoint_file, score
 from fewshot.evaluation import default_eval_split, load_eval_split
 from fewshot.method import MethodConfig, TeacherEmbedder
 from fewshot.refinement import EXTRA_KEY as REFINER_KEY
@@ -190,21 +190,6 @@ def apply_config(opts: AddClassesOptions) -> tuple[AddClassesOptions, str]:
     return new, source
 
 
-def _fit_refiner(plan: Plan, catalog: Catalog, child_path: Path, child_classes: list[str],
-                 child_ids: list[int], opts: AddClassesOptions):
-    """Choose the CLIP fusion weight on the val split and store the refiner in the child."""
-    from fewshot.refinement import fit_refiner
-
-    split = load_eval_split(catalog, plan.dataset, "val", list(plan.parent.classes), plan.new_classes,
-                            max_images=opts.max_val_images)
-    child = load_checkpoint(child_path)
-    results = predict(child, split)
-    print(f"choosing the CLIP fusion weight on {len(split.rows)} val images ...", flush=True)
-    refiner = fit_refiner(plan.teacher, child_classes, child_ids, split, results)
-    update_extra(child_path, refiner.to_extra())
-    return refiner
-
-
 def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
     opts, config_source = apply_config(opts)
     plan = validate(opts)
@@ -274,7 +259,8 @@ def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
         final = ray_train.fit(spec, dataset, num_workers=opts.num_workers, use_gpu=opts.use_gpu,
                               cpus_per_worker=opts.cpus_per_worker, storage_path=opts.storage_path,
                               name=f"add-{run.info.run_id[:8]}")
-        refiner = _fit_refiner(plan, catalog, final, child_classes, child_ids, opts) if refine else None
+        refiner = refine_checkpoint_file(final, plan.teacher, catalog, plan.dataset, list(parent_ckpt.classes),
+                                         plan.new_classes, opts.max_val_images) if refine else None
         refine_tags = tracking.log_refinement(refiner) if refiner is not None else {}
 
         print(f"evaluating parent and child on the {eval_split} split ...", flush=True)

@@ -20,10 +20,10 @@ from catalog import Catalog
 from catalog.class_sets import ClassSet, save_class_set
 from fewshot import ray_train, registry, tracking
 from catalog.teacher_cache import build_teacher_cache, has_teacher_cache, join_teacher_embeddings
-from fewshot.checkpoint import load_checkpoint, save_checkpoint, update_extra
+from fewshot.checkpoint import load_checkpoint, save_checkpoint
 from fewshot.config import preset
 from fewshot.detector import build_detector
-from fewshot.episode import predict, score
+from fewshot.episode import predict, refine_checkpoint_file, score
 from fewshot.evaluation import default_eval_split, load_eval_split
 from fewshot.method import MethodConfig
 from fewshot.training import TrainConfig
@@ -77,18 +77,6 @@ def _rows_with_teacher_embeddings(catalog: Catalog, dataset: str, teacher) -> pa
         build_teacher_cache(catalog, dataset, "train", teacher, progress=True)
     return join_teacher_embeddings(catalog.read_split(dataset, "train"), catalog, dataset, "train",
                                    teacher.id)
-
-
-def _fit_refiner(catalog: Catalog, opts: BaseTrainOptions, teacher, path: Path, classes: list[str],
-                 category_ids: list[int]):
-    """Choose the CLIP fusion weight on val (AP50) and store the refiner in the checkpoint."""
-    from fewshot.refinement import fit_refiner
-
-    split = load_eval_split(catalog, opts.dataset, "val", classes, max_images=opts.max_val_images)
-    print(f"choosing the CLIP fusion weight on {len(split.rows)} val images ...", flush=True)
-    refiner = fit_refiner(teacher, classes, category_ids, split, predict(load_checkpoint(path), split))
-    update_extra(path, refiner.to_extra())
-    return refiner
 
 
 def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
@@ -148,7 +136,8 @@ def run_base_training(opts: BaseTrainOptions) -> registry.VersionInfo:
         report = score(model_ckpt, split, results=results)
         refine_tags = {}
         if teacher is not None and opts.refine and manifest.splits.get("val"):
-            refiner = _fit_refiner(catalog, opts, teacher, final, classes, category_ids)
+            refiner = refine_checkpoint_file(final, teacher, catalog, opts.dataset, classes,
+                                             max_images=opts.max_val_images)
             mlflow.log_metrics({f"unrefined_{k}": v for k, v in report.headline().items()})
             report = score(model_ckpt, split, refiner=refiner, results=results)  # what Serve serves
             refine_tags = tracking.log_refinement(refiner)

@@ -131,3 +131,22 @@ def score(checkpoint: DetectorCheckpoint, split: EvalSplit, refiner=None,
 
         results = refine_results(refiner, split.images, results, checkpoint.category_ids)
     return split.evaluate(results)
+
+
+def refine_checkpoint_file(path, teacher, catalog: Catalog, dataset: str, base_names: Sequence[str],
+                           novel_names: Sequence[str] = (), max_images: int | None = None):
+    """Fit CLIP refinement for the detector saved at ``path``: predict on the first
+    ``max_images`` val images, choose the fusion weight there
+    (:func:`fewshot.refinement.fit_refiner`), and store the refiner in the file's ``extra``
+    (where Serve finds it). Returns the refiner."""
+    from fewshot.checkpoint import load_checkpoint, update_extra
+    from fewshot.evaluation import load_eval_split
+    from fewshot.refinement import fit_refiner
+
+    checkpoint = load_checkpoint(path)
+    split = load_eval_split(catalog, dataset, "val", base_names, novel_names, max_images=max_images)
+    print(f"choosing the CLIP fusion weight on {len(split.rows)} val images ...", flush=True)
+    refiner = fit_refiner(teacher, checkpoint.classes, checkpoint.category_ids, split,
+                          predict(checkpoint, split))
+    update_extra(path, refiner.to_extra())
+    return refiner

@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from fewshot.method import BALANCERS, MethodConfig
+
 TUNABLE_KEYS = ("balancer", "balancer_momentum", "distill_beta", "lr", "steps")
 BEST_CONFIG_TAG = "fewshot.best_config_run"
 BEST_CONFIG_ARTIFACT = "best_config.json"
@@ -30,7 +32,6 @@ RECORD_FORMAT = 1
 # parent-run params copied into the record: what the configuration was tuned for
 CONTEXT_PARAMS = ("dataset", "classes", "shots", "seed", "freeze", "batch_size", "metric",
                   "tune_split", "parent_version", "val_images")
-_BALANCERS = ("fixed", "pgb", "gradnorm")
 
 
 def _client(uri: str):
@@ -77,10 +78,10 @@ def normalize_config(config: Mapping[str, Any], require_all: bool = False) -> di
         if key == "balancer":
             if value is None or (isinstance(value, str) and value.lower() == "none"):
                 out[key] = None
-            elif isinstance(value, str) and value in _BALANCERS:
+            elif isinstance(value, str) and value in BALANCERS:
                 out[key] = value
             else:
-                raise ValueError(f"config 'balancer': {value!r} is not one of None, {list(_BALANCERS)}")
+                raise ValueError(f"config 'balancer': {value!r} is not one of None, {list(BALANCERS)}")
         elif key == "balancer_momentum":
             v = _number(key, value)
             if not 0.0 <= v < 1.0:
@@ -235,8 +236,6 @@ def train_config(config: Mapping[str, Any], base):
 
 def method_config(config: Mapping[str, Any], freeze: str, teacher_dim: int | None = None):
     """The MethodConfig of a tuned config (``teacher_dim`` is needed when beta > 0)."""
-    from fewshot.method import MethodConfig
-
     cfg = normalize_config(config)
     beta = cfg.get("distill_beta", 0.0)
     return MethodConfig(freeze=freeze, balancer=cfg.get("balancer"),

@@ -69,12 +69,14 @@ VAL_KEYS = ("HM", "HM50", "bAP", "bAP50", "nAP", "nAP50")
 BETAS = (0.0, 0.1, 0.3, 1.0)
 LR_RANGE = (1e-4, 3e-3)
 MOMENTUM_RANGE = (0.5, 0.98)
-# what jobs/add_classes.py does without a tuned config
-DEFAULT_CONFIG = {"balancer": None, "balancer_momentum": 0.9, "distill_beta": 0.0, "lr": 5e-4,
-                  "steps": 150}
-DEFAULT_FREEZE = "head"
-# add_classes' TrainConfig; a trial replaces lr and steps (warm-up: tuned_configs.warmup_for)
-ADD_CLASSES_TRAIN = TrainConfig(steps=150, batch_size=8, lr=5e-4, warmup_steps=20, log_every=10)
+# what add_classes does without a tuned config (its option defaults, read, not copied);
+# a trial replaces lr and steps of ADD_CLASSES_TRAIN (warm-up: tuned_configs.warmup_for)
+_ADD_DEFAULTS = AddClassesOptions(catalog_root="", mlflow_uri="", classes=[])
+ADD_CLASSES_TRAIN = _ADD_DEFAULTS.train
+DEFAULT_FREEZE = _ADD_DEFAULTS.freeze
+DEFAULT_CONFIG = {"balancer": _ADD_DEFAULTS.balancer, "balancer_momentum": _ADD_DEFAULTS.balancer_momentum,
+                  "distill_beta": _ADD_DEFAULTS.distill_beta, "lr": ADD_CLASSES_TRAIN.lr,
+                  "steps": ADD_CLASSES_TRAIN.steps}
 
 
 class TuneError(ValueError):
