@@ -18,14 +18,12 @@ the rest look exactly like the detection world. All 20 classes appear, novel one
 pretraining data, not of the few-shot detection data (a web-trained CLIP has seen "gear"
 too). Generation is deterministic in ``seed`` and cheap (about 10 ms per scene).
 
-Numpy and PIL only (no torch), like the rest of the catalog. :func:`crop_box` is the one
-box-cropping rule shared by the corpus and by the teacher when it embeds detector boxes, so
-that the teacher sees boxes at test time the way it saw them in training.
+Numpy and PIL only (no torch), like the rest of the catalog. Object crops use
+:func:`catalog.crops.crop_box`, the one box-cropping rule the CLIP teacher also uses when it
+embeds detector boxes, so that it sees boxes at test time the way it saw them in training.
 """
 from __future__ import annotations
 
-import io
-import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
@@ -33,13 +31,14 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from catalog.crops import crop_box
 from catalog.shapes import CLASS_NAMES
 from catalog.synthetic import WorldConfig, render_scene
 
 __all__ = [
     "CaptionedImage", "OBJECT_TEMPLATES", "SHAPE_TEMPLATES", "ATTRIBUTE_TEMPLATES", "SCENE_TEMPLATES", "TEXTURE_WORDS", "SYNONYMS",
-    "CORPUS_STREAM", "CLEAN_CONFIG", "corpus_rng", "crop_box", "size_word", "object_caption", "scene_caption",
-    "iter_captioned", "captioned_corpus", "class_coverage", "to_uint8_rgb",
+    "CORPUS_STREAM", "CLEAN_CONFIG", "corpus_rng", "size_word", "object_caption", "scene_caption",
+    "iter_captioned", "captioned_corpus", "class_coverage",
 ]
 
 # A stream code that the detection world never uses (it uses 0, 1, 2 for train/val/test),
@@ -125,54 +124,6 @@ class CaptionedImage:
 def corpus_rng(seed: int, index: int) -> np.random.Generator:
     """The generator of corpus scene ``index`` (never equal to a catalog image's generator)."""
     return np.random.default_rng([int(seed), CORPUS_STREAM, int(index)])
-
-
-# ---- images --------------------------------------------------------------------------------
-
-def to_uint8_rgb(image) -> np.ndarray:
-    """PIL image, (H, W, 3) array, or encoded PNG/JPEG bytes -> (H, W, 3) uint8 array."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        image = Image.open(io.BytesIO(bytes(image)))
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"expected an RGB image, got an array of shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        scale = 255.0 if arr.size and float(arr.max()) <= 1.0 else 1.0
-        arr = np.clip(arr.astype(np.float32) * scale, 0, 255).astype(np.uint8)
-    return arr[..., :3]
-
-
-def crop_box(image: np.ndarray, box: Sequence[float], size: int = 64, context: float = 0.2,
-             jitter: float = 0.0, rng: np.random.Generator | None = None,
-             min_side: float = 8.0) -> np.ndarray:
-    """A square ``size`` x ``size`` crop around ``box`` (``[x1, y1, x2, y2]`` pixels).
-
-    The square's side is the box's longer side times ``1 + 2 * context`` (at least
-    ``min_side`` px), centred on the box; parts outside the image are filled by repeating
-    the border pixels. ``jitter`` (with ``rng``) shifts the centre and scales the side by up
-    to that fraction, for training-time variety.
-    """
-    img = to_uint8_rgb(image)
-    h, w = img.shape[:2]
-    x1, y1, x2, y2 = (float(v) for v in box)
-    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
-    side = max(x2 - x1, y2 - y1, 1.0) * (1.0 + 2.0 * context)
-    if jitter > 0 and rng is not None:
-        side *= math.exp(rng.uniform(-jitter, jitter))
-        cx += rng.uniform(-jitter, jitter) * side / 2
-        cy += rng.uniform(-jitter, jitter) * side / 2
-    side = max(side, float(min_side))
-    left, top = int(math.floor(cx - side / 2)), int(math.floor(cy - side / 2))
-    right, bottom = int(math.ceil(cx + side / 2)), int(math.ceil(cy + side / 2))
-    pad = max(0, -left, -top, right - w, bottom - h)
-    if pad:
-        img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
-    patch = img[top + pad:bottom + pad, left + pad:right + pad]
-    return np.asarray(Image.fromarray(patch).resize((size, size), Image.BILINEAR))
 
 
 # ---- captions ------------------------------------------------------------------------------

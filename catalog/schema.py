@@ -19,6 +19,10 @@ import pyarrow as pa
 
 SPLITS = ("train", "val", "test")
 
+# Optional column of a split table (or key of a row / target dict): one teacher embedding per box,
+# in the row's box order (catalog.teacher_cache builds it; fewshot.clip.distillation reads it).
+TEACHER_EMB_COLUMN = "teacher_emb"
+
 IMAGE_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.int64(), nullable=False),

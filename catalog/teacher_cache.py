@@ -1,6 +1,6 @@
 """Teacher embeddings of ground-truth boxes, cached with the dataset.
 
-CLIP distillation (``fewshot.distillation``) pulls each foreground RoI's feature toward the
+CLIP distillation (``fewshot.clip.distillation``) pulls each foreground RoI's feature toward the
 teacher embedding of the ground-truth box it matched. Those embeddings depend only on the
 image, the box and the teacher, so they are computed once per split and stored next to it:
 
@@ -15,7 +15,7 @@ and renamed into place (readers never see a partial cache). Rebuilding the datas
 replaces its folder, which removes its (stale) caches with it.
 
 The catalog never imports the learning code: the builder takes any ``teacher`` object with
-``id`` and ``embed_boxes(image_bytes, boxes) -> [n, E]`` (``fewshot.teacher.Teacher`` is
+``id`` and ``embed_boxes(image_bytes, boxes) -> [n, E]`` (``fewshot.clip.teacher.Teacher`` is
 one; its optional ``embed_boxes_many`` batches images), or a plain callable plus
 ``teacher_id``. torch is never imported here.
 """
@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalog.schema import TEACHER_EMB_COLUMN
 from catalog.store import Catalog
 
 __all__ = [
@@ -45,7 +46,6 @@ CACHE_SCHEMA = pa.schema([
     pa.field("embeddings", pa.list_(pa.list_(pa.float32())), nullable=False),
 ])
 _META_KEY = b"fewshot.teacher_cache"
-TEACHER_EMB_COLUMN = "teacher_emb"
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -142,9 +142,9 @@ def build_teacher_cache(
     table = catalog.read_split(dataset, split, columns=["image_id", "image", "boxes"])
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from catalog.progress import progress_bar
 
-        bar = tqdm(total=table.num_rows, desc=f"teacher cache {dataset}/{split}", unit="img")
+        bar = progress_bar(table.num_rows, f"teacher cache {dataset}/{split}", "img")
     # stream row groups into a temporary file, published with one rename at the end; the
     # writer opens once the embedding width is known (it goes into the schema metadata)
     final.parent.mkdir(parents=True, exist_ok=True)

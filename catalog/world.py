@@ -170,9 +170,9 @@ def build_world(
     sizes = {"train": n_train, "val": n_val, "test": n_test}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from catalog.progress import progress_bar
 
-        bar = tqdm(total=sum(sizes.values()), desc=f"building {name}", unit="img")
+        bar = progress_bar(sum(sizes.values()), f"building {name}", "img")
     executor = None
     if workers > 1 and sum(sizes.values()) >= 200:
         # spawn, not fork: the caller may hold threads (torch, Ray) that fork copies broken
@@ -181,7 +181,7 @@ def build_world(
         with catalog.writer(manifest, overwrite=True) as writer:
             for split, n in sizes.items():
                 if bar is not None:
-                    bar.set_postfix_str(split)
+                    bar.set_postfix_str(split, refresh=False)
                 if n == 0:  # still write the (empty) split so every split can be read
                     writer.write_table(split, IMAGE_SCHEMA.empty_table())
                 for row in iter_split(split, n, image_size=image_size, seed=seed,

@@ -33,7 +33,7 @@ champion() {  # prints "version|classes-json" of the champion, or nothing
   python - "$MODEL" <<'PY'
 import sys
 sys.path[:0] = ["platform", "."]
-from fewshot import registry
+from fewshot.backends import registry
 v = registry.get_alias(None, sys.argv[1], registry.CHAMPION)
 print("" if v is None else f"{v.version}|{','.join(v.classes)}")
 PY

@@ -4,7 +4,7 @@
     python jobs/ablation.py --teacher embedded --shots 1,5,10 --seeds 5
 
 Each (shots, seed) draw is one Ray task (one CPU) that fine-tunes every variant from the same
-expanded base model on the same support set (fewshot.ablation_protocol). The driver shows the
+expanded base model on the same support set (fewshot.learning.ablation). The driver shows the
 progress, prints the table, and logs it (markdown + CSV + a plot, and one metric per cell) to
 an MLflow run in the experiment ``fewshot-ablation``.
 """
@@ -17,16 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-for _p in (Path(__file__).resolve().parents[1], Path(__file__).resolve().parents[1] / "platform"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from catalog import default_root
-    from fewshot.ablation_protocol import VARIANTS
-    from fewshot.freezing import POLICIES
-    from fewshot.registry import DEFAULT_MODEL_NAME
+    from fewshot.learning.ablation import VARIANTS
+    from fewshot.learning.freezing import POLICIES
+    from fewshot.backends.registry import DEFAULT_MODEL_NAME
 
     p = argparse.ArgumentParser(
         description="Ablation of the seed methods on a class split: every variant fine-tunes the "
@@ -70,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_parent(args, work: Path):
-    from fewshot import registry
-    from fewshot.checkpoint import load_checkpoint
+    from fewshot.backends import registry
+    from fewshot.model.checkpoint import load_checkpoint
 
     if args.checkpoint:
         return load_checkpoint(args.checkpoint), f"file:{Path(args.checkpoint).resolve()}"
@@ -88,7 +85,7 @@ def resolve_parent(args, work: Path):
 
 def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[str, list[dict]]:
     """The markdown table and its cells (mean and 95% CI of nAP50 and bAP50, in points)."""
-    from fewshot.stats import mean_ci95
+    from fewshot.metrics.stats import mean_ci95
 
     cells = []
     lines = ["| variant | " + " | ".join(f"{k}-shot nAP50 | {k}-shot bAP50" for k in shots) + " |",
@@ -108,7 +105,7 @@ def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[
 def verdicts(rows: list[dict], cells: list[dict], shots: list[int]) -> list[str]:
     """The issue's goal, checked: 'all' against 'baseline' per shot count, as the two
     intervals and as the paired difference over the same draws (same seed, same support set)."""
-    from fewshot.stats import mean_ci95
+    from fewshot.metrics.stats import mean_ci95
 
     out = []
     get = {(c["variant"], c["shots"]): c for c in cells}
@@ -130,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import mlflow
     import ray
-    from tqdm.auto import tqdm
+    from catalog.progress import progress_bar
 
     from catalog import Catalog
-    from fewshot import ray_train, tracking
-    from fewshot.ablation_protocol import UnitSpec, check_variants, run_unit
-    from fewshot.plots import ablation_figure
-    from fewshot.training import TrainConfig
+    from fewshot.backends import tracking
+    from fewshot.backends.cluster import ensure_ray
+    from fewshot.learning.ablation import UnitSpec, check_variants, run_unit
+    from fewshot.metrics.plots import ablation_figure
+    from fewshot.learning.loop import TrainConfig
 
     shots = [int(k) for k in args.shots.split(",") if k.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -156,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.class_split} {list(split.base)}", file=sys.stderr)
         return 2
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      warmup_steps=min(20, args.steps // 5), log_every=max(1, args.steps))
+                      warmup_steps=20, log_every=max(1, args.steps))
 
-    ray_train.ensure_ray(args.ray_address)
+    ensure_ray(args.ray_address)
     parent_ref_obj = ray.put(parent)
 
     @ray.remote(num_cpus=args.cpus_per_task)
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     pending = {unit.remote(spec, parent_ref_obj): spec for spec in specs}
     rows: list[dict] = []
-    with tqdm(total=len(specs), desc="ablation draws", unit="draw") as bar:
+    with progress_bar(len(specs), "ablation draws", "draw") as bar:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             spec = pending.pop(done[0])

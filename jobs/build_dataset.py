@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-for _p in (str(_REPO), str(_REPO / "platform")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 
 def build_parser() -> argparse.ArgumentParser:

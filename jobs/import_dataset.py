@@ -20,15 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-for _p in (_REPO, _REPO / "platform"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
-from catalog import Catalog, default_root  # noqa: E402
-from catalog.importers import import_coco, import_voc  # noqa: E402
-from catalog.schema import SPLITS  # noqa: E402
-from catalog.validation import DatasetImportError, ImportReport  # noqa: E402
+from catalog import Catalog, default_root
+from catalog.importers import import_coco, import_voc
+from catalog.schema import SPLITS
+from catalog.validation import DatasetImportError, ImportReport
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
     python jobs/pretrain_teacher.py --steps 3000 --threads 1 --out ~/.cache/fewshot/teachers/embedded-teacher.pt
     ray job submit --working-dir . -- python jobs/pretrain_teacher.py --mlflow-uri http://HOST:5000
 
-Trains the small OpenCLIP model contrastively (fewshot.teacher_training), reports its
+Trains the small OpenCLIP model contrastively (fewshot.clip.pretraining), reports its
 zero-shot top-1 accuracy on ground-truth crops of the detection world's test split (all
 classes, and the novel classes of each base/novel split), saves the checkpoint, and, with an
 MLflow server, logs the run and registers the checkpoint as a version of its own registered
@@ -21,10 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
-for _p in (str(_REPO), str(_REPO / "platform")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 DEFAULT_REGISTERED_NAME = "fewshot-clip-teacher"
 ARTIFACT_PATH = "teacher"
@@ -33,7 +29,7 @@ CHAMPION = "champion"
 
 def build_parser() -> argparse.ArgumentParser:
     from catalog.store import DEFAULT_ROOT_ENV, default_root
-    from fewshot.teacher import TEACHER_DIR_ENV, default_teacher_path
+    from fewshot.clip.teacher import TEACHER_DIR_ENV, default_teacher_path
 
     p = argparse.ArgumentParser(
         prog="pretrain_teacher",
@@ -116,7 +112,7 @@ def evaluation_crops(teacher, rows, manifest):
 
 
 def zero_shot_figures(teacher, rows, manifest) -> dict[str, float]:
-    from fewshot.teacher_training import zero_shot_report
+    from fewshot.clip.pretraining import zero_shot_report
 
     crops, labels = evaluation_crops(teacher, rows, manifest)
     class_names = [c.name for c in manifest.categories]
@@ -163,7 +159,7 @@ def register_teacher(uri: str, experiment: str, model_name: str, path: Path, spe
         except Exception:  # noqa: BLE001 - not there yet
             client.create_registered_model(
                 model_name, description="CLIP teacher for distillation and refinement; load "
-                                        "with fewshot.teacher.load_teacher(tag teacher_spec)")
+                                        "with fewshot.clip.teacher.load_teacher(tag teacher_spec)")
         tags = {"teacher_spec": spec, "teacher_id": teacher_id, "checkpoint": path.name,
                 **{k: f"{v:.4f}" for k, v in finite.items() if k.startswith("zs_top1")}}
         mv = client.create_model_version(model_name, source=source, run_id=run.info.run_id,
@@ -195,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    from fewshot.teacher import save_embedded_teacher
-    from fewshot.teacher_training import train_embedded_teacher
+    from fewshot.clip.teacher import save_embedded_teacher
+    from fewshot.clip.pretraining import train_embedded_teacher
 
     def report(step: int, logs: dict) -> None:
         print(f"step {step:5d}  loss {logs['loss']:.3f}  batch i2t acc {logs['batch_i2t_acc']:.2f}"

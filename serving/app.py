@@ -8,7 +8,7 @@ One deployment, ``DetectorService``, behind a FastAPI ingress:
 - ``GET /v1/classes``: the served class set, in order.
 - ``GET /healthz``: 200 with the served version once a model is loaded, 503 before.
 
-CLIP refinement: a version registered with a fitted refiner (``fewshot.refinement``: class
+CLIP refinement: a version registered with a fitted refiner (``fewshot.clip.refinement``: class
 prompt embeddings and the fusion weight chosen on val, stored in the checkpoint) has its
 detection scores fused with CLIP's box-crop classification by default; ``?refine=false``
 turns it off per request and the ``refine`` setting for the whole deployment. Every answer
@@ -60,7 +60,7 @@ class Served:
     version: int
     class_set: str
     classes: tuple[str, ...]
-    refiner: object | None = None  # fewshot.refinement.Refiner, teacher loaded
+    refiner: object | None = None  # fewshot.clip.refinement.Refiner, teacher loaded
     refine_note: str = ""          # why there is no refiner
 
     def refinement(self, requested: bool) -> dict:
@@ -97,8 +97,8 @@ class DetectorService:
 
     def _load_sync(self) -> bool:
         """Load the aliased version if it differs from the served one; True when swapped."""
-        from fewshot import registry
-        from fewshot.inference import Detector
+        from fewshot.backends import registry
+        from fewshot.model.inference import Detector
 
         uri, name = self._tracking_uri(), self.settings["model_name"]
         info = registry.get_alias(uri, name, self.settings["alias"])
@@ -118,7 +118,7 @@ class DetectorService:
 
     def _load_refiner(self, detector) -> tuple[object | None, str]:
         """The version's refiner with its teacher loaded, or (None, why not)."""
-        from fewshot.refinement import EXTRA_KEY, Refiner
+        from fewshot.clip.refinement import EXTRA_KEY, Refiner
 
         extra = detector.checkpoint.extra or {}
         if EXTRA_KEY not in extra:

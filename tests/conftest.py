@@ -33,7 +33,7 @@ def tiny_teacher_spec(tmp_path_factory) -> str:
     """An (untrained) embedded OpenCLIP teacher saved to a file: the teacher spec tests pass."""
     import torch
 
-    from fewshot.teacher import create_embedded_model, save_embedded_teacher
+    from fewshot.clip.teacher import create_embedded_model, save_embedded_teacher
 
     torch.manual_seed(0)
     model, name = create_embedded_model()

@@ -78,9 +78,9 @@ def untrained_base_checkpoint(catalog, path: Path, class_split: str = "split1",
     """A ``cpu-small`` detector over a class split's base classes, saved untrained (seed 0)."""
     import torch
 
-    from fewshot.checkpoint import save_checkpoint
-    from fewshot.config import preset
-    from fewshot.detector import build_detector
+    from fewshot.model.checkpoint import save_checkpoint
+    from fewshot.model.presets import preset
+    from fewshot.model.detector import build_detector
 
     manifest = catalog.manifest("synthworld")
     classes = list(manifest.class_split(class_split).base)
@@ -95,10 +95,10 @@ def register_champion(catalog, uri: str, model: str, path: Path, experiment: str
     """Register an untrained base model as ``model``'s champion; returns its VersionInfo."""
     import mlflow
 
-    from fewshot import registry
+    from fewshot.backends import registry
 
     ckpt_path = untrained_base_checkpoint(catalog, path)
-    from fewshot.checkpoint import load_checkpoint
+    from fewshot.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
     mlflow.set_tracking_uri(uri)

@@ -6,9 +6,9 @@ import mlflow
 import pytest
 import ray
 
-from fewshot.ablation_protocol import VARIANTS, UnitSpec, check_variants, run_unit
-from fewshot.refinement import DEFAULT_GRID
-from fewshot.training import TrainConfig
+from fewshot.learning.ablation import VARIANTS, UnitSpec, check_variants, run_unit
+from fewshot.clip.refinement import DEFAULT_GRID
+from fewshot.learning.loop import TrainConfig
 from services import load_job, untrained_base_checkpoint
 
 
@@ -26,7 +26,7 @@ def test_check_variants():
 
 
 def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpoint, tiny_teacher_spec):
-    from fewshot.checkpoint import load_checkpoint
+    from fewshot.model.checkpoint import load_checkpoint
 
     parent = load_checkpoint(base_checkpoint)
     spec = UnitSpec(catalog_root=str(tiny_catalog.root), dataset="synthworld",

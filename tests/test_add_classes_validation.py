@@ -5,8 +5,10 @@ Runs against a real MLflow tracking server (sqlite store) with a registered cham
 
 import pytest
 
-from fewshot import registry
-from fewshot.add_classes import AddClassesError, AddClassesOptions, validate
+from fewshot.backends import registry
+from fewshot.learning.method import MethodOptions
+from fewshot.workflows.add_classes import AddClassesError, AddClassesOptions, validate
+from fewshot.workflows.options import StoreOptions
 from services import load_job, register_champion
 
 MODEL = "validation-detector"
@@ -24,9 +26,10 @@ def _registry_state(uri):
     return [(v.version, sorted(v.aliases), sorted(v.tags.items())) for v in versions]
 
 
-def _opts(tiny_catalog, mlflow_uri, classes, shots=2):
-    return AddClassesOptions(catalog_root=str(tiny_catalog.root), mlflow_uri=mlflow_uri,
-                             classes=classes, shots=shots, model_name=MODEL)
+def _opts(tiny_catalog, mlflow_uri, classes, shots=2, model=MODEL, **kwargs):
+    return AddClassesOptions(classes=tuple(classes), shots=shots, max_val_images=4, max_test_images=4,
+                             store=StoreOptions(catalog=str(tiny_catalog.root), mlflow_uri=mlflow_uri,
+                                                model_name=model), **kwargs)
 
 
 def test_valid_request_passes_validation(tiny_catalog, mlflow_uri, champion):
@@ -60,7 +63,33 @@ def test_bad_input_is_rejected_and_registry_untouched(case, tiny_catalog, mlflow
 
 
 def test_missing_champion_is_a_clear_error(tiny_catalog, mlflow_uri):
-    opts = _opts(tiny_catalog, mlflow_uri, ["triangle"])
-    opts.model_name = "never-registered"
     with pytest.raises(AddClassesError, match="run jobs/base_train.py first"):
-        validate(opts)
+        validate(_opts(tiny_catalog, mlflow_uri, ["triangle"], model="never-registered"))
+
+
+@pytest.mark.parametrize("method, expected", [
+    (MethodOptions(balancer="pgb"), "--balancer pgb act on the shared RoI feature"),
+    (MethodOptions(distill_beta=0.5, teacher="embedded"), "--distill-beta 0.5 act on the shared RoI feature"),
+    (MethodOptions(distill_beta=0.5, freeze="backbone"), "needs a CLIP teacher"),
+])
+def test_a_method_that_would_do_nothing_is_refused(method, expected, tiny_catalog, mlflow_uri, champion):
+    novel = list(champion["split"].novel[:1])
+    before = _registry_state(mlflow_uri)
+    with pytest.raises(AddClassesError, match=expected):
+        validate(_opts(tiny_catalog, mlflow_uri, novel, method=method))
+    assert _registry_state(mlflow_uri) == before
+
+
+def test_the_plan_carries_what_validation_read(tiny_catalog, mlflow_uri, champion):
+    novel = list(champion["split"].novel[:2])
+    plan = validate(_opts(tiny_catalog, mlflow_uri, novel))
+    try:
+        assert plan.parent_ckpt.classes == plan.parent.classes
+        assert plan.train_table.num_rows == tiny_catalog.manifest("synthworld").splits["train"]
+        assert len(plan.val.rows) == 4 and plan.test is not None and len(plan.test.rows) == 4
+        assert plan.val.novel_ids == plan.new_ids and plan.method.freeze == "head"
+        assert plan.work.is_dir()
+    finally:
+        import shutil
+
+        shutil.rmtree(plan.work, ignore_errors=True)

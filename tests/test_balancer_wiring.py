@@ -1,11 +1,11 @@
 """The balancer reaches the detector: PGB observes RoI precisions and scales the backward pass."""
 import torch
 
-from fewshot.balancer_hooks import attach_precision_observer
+from fewshot.balancers.observer import attach_precision_observer
 from fewshot.balancers import make_balancer
-from fewshot.config import preset
-from fewshot.detector import build_detector
-from fewshot.training import TrainConfig, make_optimizer, train_step
+from fewshot.model.presets import preset
+from fewshot.model.detector import build_detector
+from fewshot.learning.loop import TrainConfig, make_optimizer, train_step
 
 
 def test_pgb_weights_move_during_detector_training():

@@ -2,12 +2,12 @@
 import torch
 import torch.nn.functional as F
 
-from fewshot.config import preset
-from fewshot.cosine_head import CosineClassifier, imprint_rows
-from fewshot.detector import build_detector
-from fewshot.expansion import expand_detector
-from fewshot.freezing import apply_freezing
-from fewshot.training import TrainConfig, make_optimizer, train_step
+from fewshot.model.presets import preset
+from fewshot.model.cosine_head import CosineClassifier, imprint_rows
+from fewshot.model.detector import build_detector
+from fewshot.model.expansion import expand_detector
+from fewshot.learning.freezing import apply_freezing
+from fewshot.learning.loop import TrainConfig, make_optimizer, train_step
 
 
 def _batch(n_classes_label: int):
@@ -51,7 +51,7 @@ def test_old_rows_bit_identical_after_expansion_and_fine_tuning():
 
 
 def test_checkpoint_round_trip_keeps_block_shapes(tmp_path):
-    from fewshot.checkpoint import load_checkpoint, save_checkpoint
+    from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = preset("cpu-small", min_size=96, max_size=96)
     model = build_detector(cfg, num_classes=3)

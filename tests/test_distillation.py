@@ -3,11 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fewshot.config import preset
-from fewshot.detector import RoIBatch, build_detector
-from fewshot.distillation import (
+from fewshot.model.presets import preset
+from fewshot.model.checkpoint import strip_training_heads
+from fewshot.model.detector import RoIBatch, build_detector
+from fewshot.clip.distillation import (
     HEAD_ATTR, LOSS_KEY, DistillationHead, attach_distillation, detach_distillation,
-    distillation_loss, roi_feature_dim, strip_distillation_state, teacher_targets,
+    distillation_loss, roi_feature_dim, teacher_targets,
 )
 
 D, E = 6, 6
@@ -128,7 +129,7 @@ def test_attach_to_detector_trains_and_checkpoints_the_head():
     assert getattr(model.roi_heads, HEAD_ATTR) is head
     assert any(p is head.proj.weight for p in model.parameters())
     keys = [k for k in model.state_dict() if f"{HEAD_ATTR}." in k]
-    assert keys and not [k for k in strip_distillation_state(model.state_dict()) if f"{HEAD_ATTR}." in k]
+    assert keys and not [k for k in strip_training_heads(model.state_dict()) if f"{HEAD_ATTR}." in k]
 
     torch.manual_seed(0)
     images = [torch.rand(3, 96, 96) for _ in range(2)]

@@ -1,7 +1,7 @@
 """pycocotools evaluation: perfect predictions score AP 1.0, shifted boxes score less."""
 import math
 
-from fewshot.evaluation import coco_evaluate, harmonic_mean
+from fewshot.metrics.coco_eval import coco_evaluate, harmonic_mean
 
 
 def _gt():

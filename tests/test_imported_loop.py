@@ -9,10 +9,12 @@ import pytest
 
 from catalog import Catalog
 from catalog.importers import import_voc
-from fewshot import registry
-from fewshot.add_classes import AddClassesOptions, run_add_classes
-from fewshot.base_training import BaseTrainOptions, run_base_training
-from fewshot.training import TrainConfig
+from fewshot.backends import registry
+from fewshot.workflows.add_classes import AddClassesOptions, run_add_classes
+from fewshot.workflows.base_train import BaseTrainOptions, run_base_training
+from fewshot.backends.cluster import ClusterOptions
+from fewshot.learning.loop import TrainConfig
+from fewshot.workflows.options import StoreOptions
 
 
 BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
@@ -28,17 +30,19 @@ def test_base_then_add_classes_on_imported_voc(tmp_path, mlflow_uri, local_ray):
     manifest = catalog.manifest("bccd")
     assert {c.name for c in manifest.categories} == {"RBC", "WBC", "Platelets"}
 
+    store = StoreOptions(catalog=str(catalog.root), mlflow_uri=mlflow_uri, model_name=MODEL)
     base = run_base_training(BaseTrainOptions(
-        catalog_root=str(catalog.root), dataset="bccd", mlflow_uri=mlflow_uri,
-        base_classes=["RBC", "WBC"], train=TrainConfig(steps=6, batch_size=2, warmup_steps=2, log_every=3),
-        num_workers=1, model_name=MODEL, max_eval_images=10))
+        dataset="bccd", classes=("RBC", "WBC"), store=store,
+        train=TrainConfig(steps=6, batch_size=2, warmup_steps=2, log_every=3),
+        cluster=ClusterOptions(num_workers=1, cpus_per_worker=1), max_test_images=10))
     assert base.version == 1 and base.classes == ["RBC", "WBC"]
     assert base.tags["dataset"] == "bccd" and "bAP50" in base.tags
 
     result = run_add_classes(AddClassesOptions(
-        catalog_root=str(catalog.root), mlflow_uri=mlflow_uri, classes=["Platelets"], shots=2,
+        classes=("Platelets",), shots=2, store=store,
         train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, log_every=2),
-        cpus_per_worker=1, model_name=MODEL, max_eval_images=10, max_base_drop=1.0))
+        cluster=ClusterOptions(cpus_per_worker=1), max_val_images=10, max_test_images=10,
+        max_base_drop=1.0, max_detector_drop=1.0))
     child = registry.get_version(mlflow_uri, MODEL, result.version.version)
     assert child.version == 2 and child.parent_version == 1
     assert child.classes == ["RBC", "WBC", "Platelets"]

@@ -19,7 +19,7 @@ import ray
 import requests
 from ray import serve
 
-from fewshot import registry
+from fewshot.backends import registry
 from services import BIN, ROOT, free_port, wait_http
 
 MODEL = "loop-detector"

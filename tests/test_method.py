@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from catalog import Catalog
-from fewshot.checkpoint import load_checkpoint, save_checkpoint
-from fewshot.config import preset
-from fewshot.data import TEACHER_EMB_KEY, row_to_target
-from fewshot.detector import build_detector
-from fewshot.distillation import HEAD_ATTR, LOSS_KEY
-from fewshot.episode import expand_parent, fine_tune_episode, sample_episode, score, to_checkpoint
-from fewshot.evaluation import load_eval_split
-from fewshot.method import MethodConfig, TeacherEmbedder, prepare_for_training
-from fewshot.stats import mean_ci95
-from fewshot.training import TrainConfig
+from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
+from fewshot.model.presets import preset
+from catalog.schema import TEACHER_EMB_COLUMN
+from fewshot.model.batches import row_to_target
+from fewshot.model.detector import build_detector
+from fewshot.clip.distillation import HEAD_ATTR, LOSS_KEY
+from fewshot.learning.episode import expand_parent, fine_tune_episode, sample_episode, score, to_checkpoint
+from fewshot.metrics.coco_eval import load_eval_split
+from fewshot.learning.method import MethodConfig, TeacherEmbedder, prepare_for_training
+from fewshot.metrics.stats import mean_ci95
+from fewshot.learning.loop import TrainConfig
 
 E = 8
 
@@ -37,12 +38,12 @@ class FakeTeacher:
 def test_row_to_target_keeps_teacher_embeddings_of_the_kept_boxes_only():
     row = {"boxes": [[0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 1.5, 1.5], [2, 2, 30, 30]],
            "category_ids": [3, 99, 3, 4], "iscrowd": [False, False, False, True],
-           TEACHER_EMB_KEY: [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]}
+           TEACHER_EMB_COLUMN: [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]}
     t = row_to_target(row, {3: 1, 4: 2})
     # box 1 has an unknown class, box 2 is under a pixel wide, box 3 is crowd
     assert t["labels"].tolist() == [1]
-    assert t[TEACHER_EMB_KEY].tolist() == [[1.0, 0.0]]
-    assert TEACHER_EMB_KEY not in row_to_target({k: v for k, v in row.items() if k != TEACHER_EMB_KEY},
+    assert t[TEACHER_EMB_COLUMN].tolist() == [[1.0, 0.0]]
+    assert TEACHER_EMB_COLUMN not in row_to_target({k: v for k, v in row.items() if k != TEACHER_EMB_COLUMN},
                                                 {3: 1, 4: 2})
 
 
@@ -69,7 +70,7 @@ def test_prepare_for_training_adds_the_distillation_loss_and_checkpoints_drop_it
     images = [torch.rand(3, 96, 96)]
     boxes = torch.tensor([[10.0, 10, 50, 50], [40, 30, 90, 80]])
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 2]),
-                TEACHER_EMB_KEY: FakeTeacher().embed_boxes(None, boxes)}]
+                TEACHER_EMB_COLUMN: FakeTeacher().embed_boxes(None, boxes)}]
     model.train()
     losses = model(images, targets)
     assert LOSS_KEY in losses and losses[LOSS_KEY].item() > 0
@@ -90,7 +91,7 @@ def test_teacher_embedder_embeds_each_box_subset_once():
             {"image_id": 1, "image": b"", "boxes": [[0, 0, 4, 4]]}]
     FakeTeacher.calls = 0
     out = TeacherEmbedder(FakeTeacher())(rows)
-    assert [len(r[TEACHER_EMB_KEY]) for r in out] == [1, 2, 1]
+    assert [len(r[TEACHER_EMB_COLUMN]) for r in out] == [1, 2, 1]
     assert FakeTeacher.calls == 2  # the same image with other boxes is a different entry
 
 
@@ -106,7 +107,7 @@ def parent(tiny_catalog: Catalog):
 
 
 def _ckpt(config, classes, ids):
-    from fewshot.checkpoint import DetectorCheckpoint
+    from fewshot.model.checkpoint import DetectorCheckpoint
 
     return DetectorCheckpoint(config=config, classes=classes, category_ids=ids, dataset="synthworld",
                               class_set="test", state_dict={})

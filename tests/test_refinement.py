@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewshot.refinement import (
+from fewshot.clip.refinement import (
     EXTRA_KEY, Refiner, choose_fusion_weight, clip_class_probs, clip_probs_for_results,
     fuse_results, fuse_scores,
 )

@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from catalog.captions import (
-    captioned_corpus, class_coverage, crop_box, iter_captioned, object_caption, scene_caption,
+    captioned_corpus, class_coverage, iter_captioned, object_caption, scene_caption,
 )
+from catalog.crops import crop_box
 from catalog.shapes import CLASS_NAMES
-from fewshot.teacher import (
+from fewshot.clip.teacher import (
     EMBEDDED_MODEL_CFG, EMBEDDED_MODEL_NAME, Teacher, create_embedded_model, load_teacher,
     parse_teacher_spec, save_embedded_teacher,
 )
-from fewshot.teacher_training import (
+from fewshot.clip.pretraining import (
     build_corpus_pool, train_embedded_teacher, zero_shot_accuracy, zero_shot_report,
 )
 
@@ -188,7 +189,7 @@ def test_zero_shot_accuracy_on_a_toy_case():
 
 
 def test_refiner_loads_its_teacher_from_the_stored_spec(teacher, tmp_path):
-    from fewshot.refinement import Refiner
+    from fewshot.clip.refinement import Refiner
 
     path = save_embedded_teacher(tmp_path / "teacher.pt", teacher.model, model_name=teacher.model_name)
     ref = Refiner.build(load_teacher(f"embedded:{path}"), ["circle", "gear", "star5"], fusion_weight=0.5)

@@ -3,7 +3,7 @@
 A local Ray cluster started here, a real MLflow server (conftest), an untrained tiny champion:
 ``jobs/tune.py`` runs a 3-trial ASHA search and must leave one parent run with one nested run
 per trial (params and a step-indexed val curve each) and a best configuration that
-``fewshot.tuned_configs.load_config("best", ...)`` returns.
+``fewshot.backends.tuned_configs.load_config("best", ...)`` returns.
 """
 import json
 from pathlib import Path
@@ -11,10 +11,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from fewshot import registry, tuning
-from fewshot.add_classes import AddClassesOptions, run_add_classes
-from fewshot.training import TrainConfig
-from fewshot.tuned_configs import BEST_CONFIG_TAG, TUNABLE_KEYS, load_config, normalize_config
+from fewshot.backends import ray_tune as space, registry
+from fewshot.backends.cluster import ClusterOptions
+from fewshot.learning.loop import TrainConfig
+from fewshot.learning.method import MethodOptions
+from fewshot.workflows import tune as tuning
+from fewshot.workflows.add_classes import AddClassesOptions, run_add_classes
+from fewshot.workflows.options import StoreOptions
+from fewshot.backends.tuned_configs import BEST_CONFIG_TAG, TUNABLE_KEYS, load_config, normalize_config
 from services import load_job, register_champion
 
 MODEL = "tune-detector"
@@ -32,10 +36,10 @@ def champion(tiny_catalog, mlflow_uri, tmp_path_factory):
 def _in_space(config: dict, max_steps: int, eval_every: int, distill: bool) -> None:
     assert set(config) == set(TUNABLE_KEYS)
     assert config["balancer"] in ("fixed", "pgb", "gradnorm")
-    assert tuning.MOMENTUM_RANGE[0] <= config["balancer_momentum"] < tuning.MOMENTUM_RANGE[1]
-    assert config["distill_beta"] in (tuning.BETAS if distill else (0.0,))
-    assert tuning.LR_RANGE[0] <= config["lr"] <= tuning.LR_RANGE[1]
-    assert config["steps"] in tuning.step_choices(max_steps, eval_every)
+    assert space.MOMENTUM_RANGE[0] <= config["balancer_momentum"] < space.MOMENTUM_RANGE[1]
+    assert config["distill_beta"] in (space.BETAS if distill else (0.0,))
+    assert space.LR_RANGE[0] <= config["lr"] <= space.LR_RANGE[1]
+    assert config["steps"] in space.step_choices(max_steps, eval_every)
 
 
 def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path,
@@ -46,7 +50,7 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
     code = load_job("tune").main([
         "--catalog", str(tiny_catalog.root), "--mlflow-uri", mlflow_uri, "--model-name", MODEL,
         "--experiment", EXPERIMENT, "--classes", ",".join(novel), "--shots", "2",
-        "--num-samples", str(samples), "--max-concurrent", "1", "--cpus-per-trial", "1",
+        "--num-samples", str(samples), "--max-concurrent", "1", "--cpus-per-worker", "1",
         "--max-steps", str(max_steps), "--eval-every", str(eval_every), "--grace-period", "2",
         "--batch-size", "2", "--val-images", "20", "--teacher", tiny_teacher_spec,
         "--storage-path", str(tmp_path / "ray_results"), "--quiet",
@@ -99,13 +103,15 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
     assert record["tuned_for"]["classes"] == novel and record["tuned_for"]["shots"] == 2
     assert record["tuned_for"]["freeze"] == "backbone" and "HM50" in record["metrics"]
 
-    # add_classes --config best fine-tunes with it, and the new version says which it was
+    # add_classes --tuned-config best fine-tunes with it, and the new version says which it was
     result = run_add_classes(AddClassesOptions(
-        catalog_root=str(tiny_catalog.root), mlflow_uri=mlflow_uri, classes=novel, shots=2,
-        model_name=MODEL, train=TrainConfig(steps=99, batch_size=2, lr=0.5, warmup_steps=1, log_every=1),
-        config="best", teacher=tiny_teacher_spec, refine=False, max_eval_images=5,
+        classes=tuple(novel), shots=2,
+        store=StoreOptions(catalog=str(tiny_catalog.root), mlflow_uri=mlflow_uri, model_name=MODEL),
+        train=TrainConfig(steps=99, batch_size=2, lr=0.5, warmup_steps=1, log_every=1),
+        tuned_config="best", method=MethodOptions(teacher=tiny_teacher_spec, refine=False),
+        max_val_images=5, max_test_images=5,
         max_base_drop=-1.0,  # never promoted: the champion stays the base model for the next tests
-        cpus_per_worker=1, storage_path=str(tmp_path / "add")))
+        cluster=ClusterOptions(cpus_per_worker=1, storage_path=str(tmp_path / "add"))))
     assert not result.promoted
     version_tags = registry.get_version(mlflow_uri, MODEL, result.version.version).tags
     assert version_tags["config_source"] == f"tune:{parent.info.run_id}"
@@ -125,12 +131,13 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
 
 def test_compare_best_and_default_on_test(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path):
     """--compare-seeds' machinery at tiny scale (2 seeds, 2-step fine-tunes, 10 test images)."""
-    opts = tuning.TuneOptions(catalog_root=str(tiny_catalog.root), mlflow_uri=mlflow_uri, model_name=MODEL,
-                              classes=list(champion["split"].novel[:2]), shots=2, cpus_per_trial=1,
-                              batch_size=2, teacher=None, compare_seeds=2, test_images=10)
-    prep = tuning._prepare(opts, tmp_path)
+    opts = tuning.TuneOptions(
+        store=StoreOptions(catalog=str(tiny_catalog.root), mlflow_uri=mlflow_uri, model_name=MODEL),
+        classes=tuple(champion["split"].novel[:2]), shots=2, cluster=ClusterOptions(cpus_per_worker=1),
+        batch_size=2, teacher=None, compare_seeds=2, test_images=10)
+    prep = tuning._prepare(opts)
     tiny = {"balancer": "pgb", "balancer_momentum": 0.8, "distill_beta": 0.0, "lr": 1e-3, "steps": 2}
-    comp = tuning.compare_configs(prep, opts, tiny, default_config={**tuning.DEFAULT_CONFIG, "steps": 2})
+    comp = tuning.compare_configs(prep, opts, tiny, default={**tuning.default_config(), "steps": 2})
     assert comp.seeds == [1, 2] and comp.split == "test"
     for table in (comp.best, comp.default):
         assert len(table["HM"]) == 2 and all(0.0 <= v <= 1.0 for v in table["HM"])
@@ -169,4 +176,4 @@ def test_job_constants():
     job = load_job("tune")
     assert job.EXPERIMENT == tuning.EXPERIMENT and tuple(job.METRICS) == tuning.METRICS
     assert job.main(["--base", "--mlflow-uri", "http://127.0.0.1:1"]) == 2
-    assert tuning.step_choices(150, 25) == [50, 75, 100, 150]
+    assert space.step_choices(150, 25) == [50, 75, 100, 150]

@@ -1,27 +1,9 @@
-"""Glue: the MLflow pyfunc flavour of a detector version.
+"""Where versions registered before the learning core moved into rooms find their pyfunc class.
 
-``mlflow.pyfunc.load_model("models:/fewshot-detector@champion").predict(images)`` works for
-any MLflow user: the input is a list of encoded images (bytes) or a DataFrame with an ``image``
-column of bytes; the output is one list of detections per image.
+Their ``python_model.pkl`` pickles ``fewshot.pyfunc_model.DetectorPyfunc`` by reference, so
+this module must keep that name importable (``tests/test_legacy_versions.py`` loads such a
+version). New versions pickle :class:`fewshot.backends.pyfunc.DetectorPyfunc`.
 """
-from __future__ import annotations
+from fewshot.backends.pyfunc import DetectorPyfunc
 
-import io
-
-import mlflow.pyfunc
-
-
-class DetectorPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from fewshot.inference import Detector
-
-        self.detector = Detector.from_file(context.artifacts["detector"])
-
-    def predict(self, context, model_input, params=None):
-        from PIL import Image
-
-        if hasattr(model_input, "columns"):
-            model_input = list(model_input["image"])
-        threshold = float((params or {}).get("score_threshold", 0.3))
-        images = [Image.open(io.BytesIO(b)).convert("RGB") for b in model_input]
-        return self.detector.predict(images, score_threshold=threshold)
+__all__ = ["DetectorPyfunc"]

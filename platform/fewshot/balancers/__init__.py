@@ -9,10 +9,10 @@ One method per module behind :class:`TaskBalancer` (LibMTL style):
   (arXiv 2509.23915).
 
 Build one with :func:`make_balancer` and apply it with
-:func:`fewshot.task_split.split_for_tasks`.
+:func:`fewshot.balancers.task_split.split_for_tasks`.
 """
 
-from .base import TaskBalancer, balancer_names, make_balancer
+from .base import TaskBalancer, balancer_names, make_balancer, register_balancer
 from .fixed import FixedBalancer
 from .gradnorm import GradNormBalancer, inverse_norm_weights
 from .pgb import PrecisionGradientBalancer, pgb_target_weights
@@ -21,6 +21,7 @@ __all__ = [
     "TaskBalancer",
     "make_balancer",
     "balancer_names",
+    "register_balancer",
     "FixedBalancer",
     "PrecisionGradientBalancer",
     "GradNormBalancer",

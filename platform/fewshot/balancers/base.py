@@ -2,7 +2,7 @@
 
 A balancer decides how much of each task's gradient flows back into the shared RoI
 feature where the Fast R-CNN box head splits into its classification and box-regression
-branches (see :func:`fewshot.task_split.split_for_tasks`). Following LibMTL's layout, each
+branches (see :func:`fewshot.balancers.task_split.split_for_tasks`). Following LibMTL's layout, each
 method lives in its own file behind this one small interface and reports the weights it
 applied so the training loop can log them.
 
@@ -20,13 +20,14 @@ compare across data-parallel ranks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 from torch import Tensor
 
-from ..task_precision import TaskPrecision
+from .task_precision import TaskPrecision
+from .task_split import split_for_tasks
 
-__all__ = ["TaskBalancer", "make_balancer", "balancer_names"]
+__all__ = ["TaskBalancer", "register_balancer", "make_balancer", "balancer_names"]
 
 
 class TaskBalancer(ABC):
@@ -58,6 +59,12 @@ class TaskBalancer(ABC):
 
     def observe(self, stats: TaskPrecision | None) -> None:  # noqa: B027 - optional hook
         """Feed one batch's task precisions. Default: ignored."""
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_cls, x_reg)`` for the two heads, with this balancer's backward weights (see
+        :func:`fewshot.balancers.task_split.split_for_tasks`). The box predictor calls it, so
+        the model never imports a balancer."""
+        return split_for_tasks(x, self)
 
     # -- reporting ------------------------------------------------------------------
     def current_weights(self) -> tuple[float, float]:
@@ -100,34 +107,34 @@ class TaskBalancer(ABC):
         return f"{type(self).__name__}(w_cls={w['w_cls']:.4g}, w_loc={w['w_loc']:.4g}, enabled={self.enabled})"
 
 
-def _builders() -> dict[str, Callable[..., TaskBalancer]]:
-    # Imported lazily to keep base.py free of import cycles.
-    from .fixed import FixedBalancer
-    from .gradnorm import GradNormBalancer
-    from .pgb import PrecisionGradientBalancer
-
-    return {
-        "fixed": FixedBalancer,
-        "pgb": PrecisionGradientBalancer,
-        "gradnorm": GradNormBalancer,
-    }
+# The one list of balancer names: each method registers itself with @register_balancer
+# (fewshot.balancers imports every method module, so the list is complete after any import
+# of the package; this module imports none of them).
+_REGISTRY: dict[str, type[TaskBalancer]] = {}
 
 
-def balancer_names() -> list[str]:
-    """The names :func:`make_balancer` accepts."""
-    return sorted(_builders())
+def register_balancer(cls: type[TaskBalancer]) -> type[TaskBalancer]:
+    """Class decorator: make ``cls`` buildable by its ``name`` through :func:`make_balancer`."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"balancer name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def balancer_names() -> tuple[str, ...]:
+    """The names :func:`make_balancer` accepts, in registration order."""
+    return tuple(_REGISTRY)
 
 
 def make_balancer(name: str, **kwargs: Any) -> TaskBalancer:
-    """Build a balancer by name: ``"fixed"``, ``"pgb"`` or ``"gradnorm"``.
+    """Build a registered balancer by name (``"fixed"``, ``"pgb"``, ``"gradnorm"``, ...).
 
     ``kwargs`` go to the constructor (e.g. ``momentum=0.9``). Names are case-insensitive;
     ``"none"`` is an alias of ``"fixed"`` with its default (1, 1) weights.
     """
-    builders = _builders()
     key = str(name).strip().lower()
     if key == "none":
         key = "fixed"
-    if key not in builders:
-        raise ValueError(f"unknown balancer {name!r}; choose one of {sorted(builders)}")
-    return builders[key](**kwargs)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown balancer {name!r}; choose one of {list(_REGISTRY)}")
+    return _REGISTRY[key](**kwargs)

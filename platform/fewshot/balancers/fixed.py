@@ -11,11 +11,12 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from .base import TaskBalancer
+from .base import TaskBalancer, register_balancer
 
 __all__ = ["FixedBalancer"]
 
 
+@register_balancer
 class FixedBalancer(TaskBalancer):
     """Constant weights ``(w_cls, w_loc)``; ``observe`` is ignored."""
 

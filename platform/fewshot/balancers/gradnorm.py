@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .base import TaskBalancer
+from .base import TaskBalancer, register_balancer
 
 __all__ = ["GradNormBalancer", "inverse_norm_weights"]
 
@@ -50,6 +50,7 @@ def _l2(g: Tensor | None) -> float:
     return float(torch.linalg.vector_norm(g.detach().float()))
 
 
+@register_balancer
 class GradNormBalancer(TaskBalancer):
     """Inverse-gradient-norm weights with optional EMA smoothing of the norms.
 

@@ -17,7 +17,7 @@ The applied weights are an exponential moving average over batches,
     w_t = m * w_{t-1} + (1 - m) * w*_t,   w_0 = (1, 1),
 
 which keeps ``w_c + w_l = 2`` at every step. The gradient into the shared feature is
-``w_c * dL/dx_cls + w_l * dL/dx_reg`` (:func:`fewshot.task_split.split_for_tasks`); the
+``w_c * dL/dx_cls + w_l * dL/dx_reg`` (:func:`fewshot.balancers.task_split.split_for_tasks`); the
 heads' own parameter gradients are untouched.
 
 Timing: ``observe`` runs after the losses of batch t are computed; whether it is called
@@ -32,8 +32,8 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from ..task_precision import TaskPrecision
-from .base import TaskBalancer
+from .task_precision import TaskPrecision
+from .base import TaskBalancer, register_balancer
 
 __all__ = ["PrecisionGradientBalancer", "pgb_target_weights"]
 
@@ -49,6 +49,7 @@ def pgb_target_weights(p_cls: float, p_loc: float, eps: float = 1e-3) -> tuple[f
     return 2.0 * p_l / total, 2.0 * p_c / total
 
 
+@register_balancer
 class PrecisionGradientBalancer(TaskBalancer):
     """PGB with EMA smoothing of the weights.
 

@@ -1,0 +1,204 @@
+"""Glue: run ``fewshot.learning.loop.train`` on a Ray Train ``TorchTrainer`` (DDP over N workers).
+
+Each worker reads its shard of a Ray Data dataset (catalog Parquet rows), decodes images,
+and runs the same explicit loop as a plain process would. Rank 0 logs losses (and the weights
+a balancer applied) to the MLflow run whose id it is given, shows a progress bar in the job
+log, and reports checkpoints through Ray Train every ``checkpoint_every`` steps so a worker
+failure resumes from the last one (``max_failures``). The final checkpoint is a
+``fewshot.model.checkpoint`` file (``detector.pt``) inside the Ray Train checkpoint directory.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from fewshot.backends.cluster import ClusterOptions
+from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
+from fewshot.model.batches import class_index, columnar_to_rows, rows_to_batch
+from fewshot.model.checkpoint import DISTILL_HEAD_ATTR as HEAD_ATTR
+from fewshot.learning.method import MethodConfig, balancer_metrics, prepare_for_training
+from fewshot.learning.loop import TrainConfig, make_optimizer, train
+
+CHECKPOINT_FILE = "detector.pt"
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class TrainJobSpec:
+    """Everything a worker needs; plain data so it ships to the workers as the loop config."""
+
+    init_checkpoint: str  # detector.pt to start from (a fresh base model or an expanded parent)
+    train: TrainConfig
+    method: MethodConfig = MethodConfig(freeze="none")
+    seed: int = 0
+    mlflow_tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    metric_prefix: str = "train/"
+    checkpoint_every: int = 0  # 0: only at the end
+    threads_per_worker: int = 1
+    progress: bool = True
+
+
+def _infinite_batches(spec: TrainJobSpec, index: dict[int, int], rank: int) -> Iterator:
+    shard = ray.train.get_dataset_shard("train")
+    rng = np.random.default_rng(spec.seed * 1000 + rank)
+    while True:
+        produced = 0
+        for cols in shard.iter_batches(
+            batch_size=spec.train.batch_size, batch_format="numpy", drop_last=False,
+            local_shuffle_buffer_size=max(64, 4 * spec.train.batch_size),
+            local_shuffle_seed=int(rng.integers(1 << 31)),
+        ):
+            produced += 1
+            yield rows_to_batch(columnar_to_rows(cols), index, rng=rng)
+        if produced == 0:
+            raise RuntimeError(f"worker {rank} received an empty dataset shard")
+
+
+def _mlflow_logger(spec: TrainJobSpec):
+    """Rank 0 logs step metrics straight to the driver's MLflow run."""
+    if not (spec.mlflow_tracking_uri and spec.mlflow_run_id):
+        return None
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(spec.mlflow_tracking_uri)
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(spec.mlflow_run_id, metrics=[
+            Metric(spec.metric_prefix + k, float(v), now, step) for k, v in metrics.items()
+        ])
+
+    return log
+
+
+def train_loop_per_worker(config: dict) -> None:
+    spec: TrainJobSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(max(1, spec.threads_per_worker))
+    torch.manual_seed(spec.seed + rank)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    start = load_checkpoint(spec.init_checkpoint)
+    model = start.build_model()
+    balancer = prepare_for_training(model, spec.method)
+    distill_head = getattr(model.roi_heads, HEAD_ATTR, None)
+
+    optimizer = make_optimizer(model, spec.train)
+    start_step = 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            model.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE).state_dict)
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
+            start_step = int(state["step"])
+            if balancer is not None and state.get("balancer"):
+                balancer.load_state_dict(state["balancer"])
+            if distill_head is not None and state.get("distill_head"):
+                distill_head.load_state_dict(state["distill_head"])
+
+    ddp_model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    index = class_index(start.category_ids)
+    batches = _infinite_batches(spec, index, rank)
+    log_mlflow = _mlflow_logger(spec) if rank == 0 else None
+
+    def save_and_report(step: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "step": step}
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(Path(d) / CHECKPOINT_FILE, model, start.config, start.classes,
+                            start.category_ids, start.dataset, start.class_set, start.extra)
+            torch.save({"optimizer": optimizer.state_dict(), "step": step,
+                        "balancer": balancer.state_dict() if balancer is not None else None,
+                        # the detector file drops the distillation head; resuming needs it
+                        "distill_head": distill_head.state_dict() if distill_head is not None else None},
+                       Path(d) / STATE_FILE)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if log_mlflow is not None:
+            log_mlflow(step, metrics)
+        if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.train.steps:
+            save_and_report(step, metrics)
+
+    last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=balancer_metrics(balancer),
+                 progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer)
+    save_and_report(spec.train.steps, last)
+
+
+def dataset_from_rows(rows: list[dict], schema: pa.Schema) -> "ray.data.Dataset":
+    """A Ray Data dataset of catalog rows built in this process (a K-shot support set)."""
+    return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=schema))
+
+
+def dataset_from_table(table: pa.Table) -> "ray.data.Dataset":
+    return ray.data.from_arrow(table)
+
+
+def dataset_from_parquet(path: str, filesystem=None) -> "ray.data.Dataset":
+    """A split's Parquet read by the cluster (a path or URI every node can reach)."""
+    return ray.data.read_parquet(str(path), filesystem=filesystem)
+
+
+def fit(
+    spec: TrainJobSpec,
+    dataset: "ray.data.Dataset",
+    cluster: ClusterOptions,
+    *,
+    out_dir: str | Path,
+    name: str = "fewshot-train",
+    max_failures: int = 1,
+) -> Path:
+    """Train on the cluster; returns ``out_dir/detector.pt``, the final checkpoint.
+
+    The dataset is materialized before the workers start: on a small cluster the workers hold
+    every CPU, and a lazily read dataset would wait forever for a CPU to run its read tasks.
+    """
+    spec.threads_per_worker = cluster.cpus_per_worker
+    dataset = dataset.materialize()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(
+            num_workers=cluster.num_workers, use_gpu=cluster.gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=cluster.storage_path or str(Path(tempfile.gettempdir()) / "fewshot-ray-results"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        target = out_dir / CHECKPOINT_FILE
+        target.write_bytes((Path(d) / CHECKPOINT_FILE).read_bytes())
+    return target

@@ -1,0 +1,70 @@
+"""Figures a person would rather look at than read: per-class AP, training curves."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def per_class_ap_figure(per_class: dict[str, float], novel: set[str] | None = None,
+                        parent: dict[str, float] | None = None, title: str = "AP50 per class"):
+    """Bars of AP50 per class; novel classes highlighted; the parent's values as markers."""
+    novel = novel or set()
+    names = list(per_class)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 3.6))
+    colors = ["tab:orange" if n in novel else "tab:blue" for n in names]
+    ax.bar(range(len(names)), [per_class[n] for n in names], color=colors)
+    if parent:
+        xs = [i for i, n in enumerate(names) if n in parent]
+        ax.scatter(xs, [parent[names[i]] for i in xs], color="black", marker="_", s=200,
+                   label="parent version", zorder=3)
+        ax.legend(loc="upper right")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AP50")
+    ax.set_title(title + ("  (orange: new classes)" if novel else ""))
+    fig.tight_layout()
+    return fig
+
+
+def fusion_weight_figure(selection: dict):
+    """Val figures against the CLIP fusion weight lambda (the grid search of refinement)."""
+    grid = selection.get("grid", [])
+    lams = [row["lambda"] for row in grid]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key in ("AP50", "bAP50", "nAP50", "HM50"):
+        vals = [row.get(key) for row in grid]
+        if any(v is not None and v == v for v in vals):
+            ax.plot(lams, vals, marker="o", label=key)
+    chosen = selection.get("chosen")
+    if chosen is not None:
+        ax.axvline(chosen, color="black", linestyle="--", label=f"chosen λ = {chosen:g}")
+    ax.set_xlabel("fusion weight λ (0: detector only)")
+    ax.set_ylabel(f"{selection.get('split', 'val')} AP")
+    ax.set_title(f"CLIP refinement: λ chosen by {selection.get('objective', '?')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def ablation_figure(cells: list[dict], variants: list[str], shots: list[int]):
+    """Mean nAP50 and bAP50 (points) of each variant per shot count, with 95% CI bars;
+    ``cells`` hold ``variant``, ``shots`` and ``nAP50``/``bAP50`` as ``fewshot.metrics.stats.MeanCI``."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("nAP50", "bAP50")):
+        for i, v in enumerate(variants):
+            sel = [c for c in cells if c["variant"] == v]
+            xs = [shots.index(c["shots"]) + (i - len(variants) / 2) * 0.08 for c in sel]
+            err = [0.0 if c[metric].half_width != c[metric].half_width else c[metric].half_width * 100
+                   for c in sel]
+            ax.errorbar(xs, [c[metric].mean * 100 for c in sel], yerr=err, fmt="o-", capsize=3, label=v)
+        ax.set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
+        ax.set_ylabel(f"{metric} (points, mean ± 95% CI)")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

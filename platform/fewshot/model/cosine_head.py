@@ -1,0 +1,114 @@
+"""Expandable cosine classifier and the box predictor that carries it.
+
+The classifier scores a RoI feature x against one weight row per class (row 0 is background)
+by scaled cosine similarity, s_c = tau * <x/|x|, w_c/|w_c|> (Wang et al., "Frustratingly Simple
+Few-Shot Object Detection", ICML 2020, Sec. 3.2: cosine box classifier). Rows are kept in two
+blocks: ``weight_old`` (frozen, never updated again) and ``weight_new`` (trainable). Adding
+classes moves every current row into the frozen block unchanged and appends new rows imprinted
+from support RoI features (Qi et al., "Low-Shot Learning with Imprinted Weights", CVPR 2018:
+the normalised mean embedding of the class's examples), so the rows of earlier classes stay
+bit-identical across every later class set.
+
+Box regression is class-agnostic (one set of deltas, repeated per class for torchvision's
+post-processing), so a new class needs no new regression rows and old localisation is kept.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CosineClassifier(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, scale: float = 20.0):
+        super().__init__()
+        self.in_features = in_features
+        self.scale = scale
+        self.weight_old = nn.Parameter(torch.empty(0, in_features), requires_grad=False)
+        self.weight_new = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.normal_(self.weight_new, std=0.01)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight_old.shape[0] + self.weight_new.shape[0]
+
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.weight_old, self.weight_new], dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(x, dim=1) @ F.normalize(self.weight(), dim=1).t()
+
+    @torch.no_grad()
+    def expand(self, new_rows: torch.Tensor) -> None:
+        """Freeze every current row and append ``new_rows`` ([n_new, in_features]) as trainable."""
+        if new_rows.ndim != 2 or new_rows.shape[1] != self.in_features:
+            raise ValueError(
+                f"new rows must have shape [n, {self.in_features}], got {tuple(new_rows.shape)}"
+            )
+        old = torch.cat([self.weight_old.data, self.weight_new.data], dim=0).clone()
+        device = old.device
+        self.weight_old = nn.Parameter(old, requires_grad=False)
+        self.weight_new = nn.Parameter(new_rows.detach().to(device=device, dtype=old.dtype).clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Block sizes vary between class sets: take the shapes from the checkpoint.
+        for name in ("weight_old", "weight_new"):
+            key = prefix + name
+            if key in state_dict:
+                current = getattr(self, name)
+                setattr(self, name, nn.Parameter(
+                    torch.empty_like(state_dict[key]), requires_grad=current.requires_grad))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def imprint_rows(features: torch.Tensor, labels: torch.Tensor, classes: list[int],
+                 center: torch.Tensor | None = None) -> torch.Tensor:
+    """One imprinted row per class in ``classes``: normalised mean of its normalised features.
+
+    ``center`` (optional, [D]) is subtracted from the class mean before normalising. RoI
+    features after the box head's ReLU all lie in the positive orthant, so a plain class mean
+    has a high cosine with *every* RoI and the new row out-scores the old classes on their own
+    objects; the mean over all support boxes (old classes included) removes that shared part
+    and leaves what is specific to the class.
+    """
+    rows = []
+    normed = F.normalize(features, dim=1)
+    for c in classes:
+        sel = normed[labels == c]
+        if sel.numel() == 0:
+            raise ValueError(f"no support RoI feature for class index {c}")
+        mean = sel.mean(dim=0)
+        if center is not None:
+            mean = mean - center
+        rows.append(F.normalize(mean, dim=0))
+    return torch.stack(rows)
+
+
+class CosineBoxPredictor(nn.Module):
+    """Drop-in replacement for torchvision's FastRCNNPredictor.
+
+    ``balancer`` (optional) is consulted where the shared RoI feature splits into the
+    classification and regression branches (identity forward, scaled backward).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, scale: float = 20.0):
+        super().__init__()
+        self.cls_score = CosineClassifier(in_channels, num_classes, scale)
+        self.bbox_pred = nn.Linear(in_channels, 4)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred.bias)
+        self.balancer = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.cls_score.num_classes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(start_dim=1)
+        x_cls, x_reg = x, x
+        if self.balancer is not None and self.training and torch.is_grad_enabled():
+            # a fewshot.balancers.TaskBalancer, attached for training only
+            x_cls, x_reg = self.balancer.split(x)
+        scores = self.cls_score(x_cls)
+        deltas = self.bbox_pred(x_reg)
+        return scores, deltas.repeat(1, self.num_classes)

@@ -1,0 +1,147 @@
+"""The two-stage detector: torchvision Faster R-CNN assembled from a DetectorConfig.
+
+The pieces are torchvision's (RPN, MultiScaleRoIAlign, TwoMLPHead, the transform); the box
+predictor is the expandable cosine classifier of ``fewshot.model.cosine_head``. ``FewShotRoIHeads``
+is torchvision's RoIHeads restricted to boxes, with one addition: in training it hands each
+batch's sampled RoIs to registered observers (the precision-driven balancer reads task
+precisions there, distillation reads foreground RoI features).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from fewshot.model.backbones import build_backbone
+from fewshot.model.presets import DetectorConfig
+from fewshot.model.cosine_head import CosineBoxPredictor
+
+
+@dataclass
+class RoIBatch:
+    """What the box head saw in one training step (all RoIs sampled across the batch)."""
+
+    features: torch.Tensor  # [R, D] shared RoI features (box_head output)
+    class_logits: torch.Tensor  # [R, C]
+    box_regression: torch.Tensor  # [R, C*4]
+    labels: torch.Tensor  # [R] class index, 0 = background
+    regression_targets: torch.Tensor  # [R, 4]
+    proposals: torch.Tensor  # [R, 4]
+    image_index: torch.Tensor  # [R] which image of the batch each RoI came from
+    matched_idxs: torch.Tensor  # [R] index of the matched ground-truth box within its image
+    targets: list  # the batch's targets (dicts; may carry per-box extras such as teacher embeddings)
+
+
+class FewShotRoIHeads(RoIHeads):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.observers: list[Callable[[RoIBatch], dict | None]] = []
+        self.extra_losses: Callable[[RoIBatch], dict[str, torch.Tensor]] | None = None
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training")
+            proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
+                proposals, targets)
+        box_features = self.box_roi_pool(features, proposals, image_shapes)
+        box_features = self.box_head(box_features)
+        class_logits, box_regression = self.box_predictor(box_features)
+
+        result: list[dict[str, torch.Tensor]] = []
+        losses: dict[str, torch.Tensor] = {}
+        if self.training:
+            loss_classifier, loss_box_reg = fastrcnn_loss(
+                class_logits, box_regression, labels, regression_targets
+            )
+            losses = {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+            if self.observers or self.extra_losses is not None:
+                batch = RoIBatch(
+                    features=box_features,
+                    class_logits=class_logits,
+                    box_regression=box_regression,
+                    labels=torch.cat(labels),
+                    regression_targets=torch.cat(regression_targets),
+                    proposals=torch.cat(proposals),
+                    image_index=torch.cat(
+                        [torch.full((len(p),), i, dtype=torch.long) for i, p in enumerate(proposals)]
+                    ).to(box_features.device),
+                    matched_idxs=torch.cat(matched_idxs),
+                    targets=targets,
+                )
+                for observe in self.observers:
+                    observe(batch)
+                if self.extra_losses is not None:
+                    losses.update(self.extra_losses(batch))
+        else:
+            boxes, scores, labels = self.postprocess_detections(
+                class_logits, box_regression, proposals, image_shapes
+            )
+            for b, s, l in zip(boxes, scores, labels):
+                result.append({"boxes": b, "labels": l, "scores": s})
+        return result, losses
+
+
+def build_detector(config: DetectorConfig, num_classes: int) -> FasterRCNN:
+    """A Faster R-CNN with ``num_classes`` rows (background included) in its cosine classifier."""
+    backbone = build_backbone(config)
+    anchor_sizes = config.anchor_sizes
+    featmap_names = ["0"] if config.backbone == "tiny" else ["0", "1", "2", "3"]
+    anchor_generator = AnchorGenerator(
+        sizes=anchor_sizes, aspect_ratios=(config.aspect_ratios,) * len(anchor_sizes)
+    )
+    roi_pool = MultiScaleRoIAlign(
+        featmap_names=featmap_names,
+        output_size=config.roi_output_size,
+        sampling_ratio=config.roi_sampling_ratio,
+    )
+    model = FasterRCNN(
+        backbone,
+        num_classes=None,
+        min_size=config.min_size,
+        max_size=config.max_size,
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+        rpn_anchor_generator=anchor_generator,
+        rpn_pre_nms_top_n_train=config.rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=config.rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=config.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=config.rpn_post_nms_top_n_test,
+        rpn_batch_size_per_image=config.rpn_batch_size_per_image,
+        box_roi_pool=roi_pool,
+        box_head=TwoMLPHead(
+            backbone.out_channels * config.roi_output_size**2, config.representation_size
+        ),
+        box_predictor=CosineBoxPredictor(config.representation_size, num_classes, config.cosine_scale),
+        box_score_thresh=config.box_score_thresh,
+        box_nms_thresh=config.box_nms_thresh,
+        box_detections_per_img=config.box_detections_per_img,
+        box_batch_size_per_image=config.roi_batch_size_per_image,
+        box_positive_fraction=config.roi_positive_fraction,
+    )
+    old = model.roi_heads
+    model.roi_heads = FewShotRoIHeads(
+        old.box_roi_pool,
+        old.box_head,
+        old.box_predictor,
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        batch_size_per_image=config.roi_batch_size_per_image,
+        positive_fraction=config.roi_positive_fraction,
+        bbox_reg_weights=None,
+        score_thresh=config.box_score_thresh,
+        nms_thresh=config.box_nms_thresh,
+        detections_per_img=config.box_detections_per_img,
+    )
+    return model
+
+
+def box_predictor(model: nn.Module) -> CosineBoxPredictor:
+    return model.roi_heads.box_predictor

@@ -1,0 +1,473 @@
+"""Teach the champion detector new classes from K shots each, gate the child, register it,
+and move ``champion`` last.
+
+validate → plan → run, and the plan carries what validation read (the champion, its
+checkpoint, the catalog manifest, the train split, the val and test splits, the teacher), so
+nothing is read twice:
+
+1. :func:`validate` runs every check before anything is written: known classes, not already
+   served, enough annotated instances for K shots, a val split to gate on, a teacher that
+   loads, a method that can act under the freeze policy (a balancer or distillation with
+   ``--freeze head`` would change nothing: refused), and the parent's own refiner loadable
+   (the parent is judged as it is served). It returns a :class:`Plan`.
+2. :func:`run_add_classes` samples the K-shot support set (plus K replay exemplars of every
+   old class), refuses when a support image is also an evaluation image, imprints one
+   classifier row per new class, fine-tunes on Ray Train, fits CLIP refinement on val when a
+   teacher is given, and scores parent and child **as each is served** (refined when the
+   version has a refiner) and **unrefined**, on the **val** split. The gate
+   (:class:`fewshot.workflows.gate.GateRule`) decides on those val figures only; the test
+   split, when the dataset has one, is scored and reported, never used to decide.
+3. Registration: the version is registered with every tag, its description and
+   ``incomplete=true``; then the alias moves through the model's promotion actor
+   (:mod:`fewshot.backends.promotion`: a compare-and-set, serialised per model), and only
+   then is the child's class set written to the catalog. A job killed at any point leaves
+   the aliases, the catalog and the served model as they were.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from typing import Annotated
+
+import pyarrow as pa
+
+from catalog import IMAGE_SCHEMA, Catalog, DatasetManifest
+from catalog.class_sets import ClassSet, ClassSetNotFound, extend, load_class_set, save_class_set
+from catalog.kshot import count_instances, sample_support
+from catalog.schema import TEACHER_EMB_COLUMN
+from fewshot.backends import promotion, ray_train, registry, tracking
+from fewshot.backends.cluster import ClusterOptions, ensure_ray
+from fewshot.clip.refinement import EXTRA_KEY as REFINER_KEY
+from fewshot.learning.episode import Episode, expand_parent, predict, refine_checkpoint_file, score
+from fewshot.learning.loop import TrainConfig
+from fewshot.learning.method import MethodConfig, MethodOptions, TeacherEmbedder
+from fewshot.metrics.coco_eval import EvalReport, EvalSplit, load_eval_split
+from fewshot.model.checkpoint import DetectorCheckpoint, load_checkpoint, save_checkpoint
+from fewshot.workflows.gate import GateFigures, GateRule, describe_version
+from fewshot.workflows.options import Flat, NameList, StoreOptions
+
+
+class AddClassesError(ValueError):
+    """Bad input to add_classes; nothing was written."""
+
+
+@dataclass(frozen=True)
+class AddClassesOptions:
+    """Add classes to the served detector from K shots each: expand the champion's classifier,
+    fine-tune with Ray Train, score parent and child on val as each is served, register version
+    N+1 and make it 'champion' only if the base classes held up (test figures are reported)."""
+
+    classes: NameList = ()
+    """Comma-separated class names from the catalog to add (required)."""
+    shots: int = 5
+    """K: annotated instances per new class."""
+    seed: int = 0
+    """Seed of the K-shot sample and of training."""
+    dataset: str | None = None
+    """Dataset (default: the champion's)."""
+    replay: bool = True
+    """Fine-tune on K replay exemplars of every old class too (--no-replay: the novel shots only)."""
+    max_base_drop: float = 0.05
+    """Gate: the largest drop of base-class AP50 on val allowed, as served (parent and child each
+    refined when it has a refiner)."""
+    max_detector_drop: float = 0.05
+    """Gate: the largest drop of base-class AP50 on val allowed for the detector alone
+    (unrefined), so a refiner cannot hide a detector that forgot the old classes."""
+    tuned_config: str | None = None
+    """'best': the configuration jobs/tune.py stored for --model-name (balancer, momentum, beta,
+    lr, steps and the freeze policy it was tuned under override the flags); or a JSON file with
+    those keys. The version records which configuration it came from."""
+    config_file: str | None = None
+    """A YAML file of these options (flag names, flat or grouped); flags given beside it win."""
+    store: Annotated[StoreOptions, Flat] = field(
+        default_factory=lambda: StoreOptions(experiment="fewshot-add-classes"))
+    cluster: Annotated[ClusterOptions, Flat] = field(
+        default_factory=lambda: ClusterOptions(num_workers=1, cpus_per_worker=2))
+    method: Annotated[MethodOptions, Flat] = field(default_factory=MethodOptions)
+    train: Annotated[TrainConfig, Flat] = field(
+        default_factory=lambda: TrainConfig(steps=150, batch_size=8, lr=5e-4, warmup_steps=20, log_every=10))
+    max_val_images: int | None = 150
+    """Val images the gate and the refinement fusion weight use (None: all)."""
+    max_test_images: int | None = None
+    """Test images the reported figures use (None: all)."""
+
+
+@dataclass
+class Plan:
+    """What validation established and read; nothing has been written yet."""
+
+    opts: AddClassesOptions
+    config_source: str
+    parent: registry.VersionInfo
+    parent_ckpt: DetectorCheckpoint
+    parent_refiner: object | None          # the parent's own refiner, teacher loaded
+    manifest: DatasetManifest
+    train_table: pa.Table
+    new_classes: list[str]
+    new_ids: list[int]
+    old_ids: list[int]
+    teacher: object | None                 # the loaded CLIP teacher (--teacher)
+    method: MethodConfig
+    val: EvalSplit                         # base + new classes: gate and fusion weight
+    test: EvalSplit | None                 # base + new classes: reported only
+    work: Path                             # removed when the job ends
+
+    @property
+    def dataset(self) -> str:
+        return self.manifest.name
+
+    @property
+    def refine(self) -> bool:
+        return bool(self.opts.method.refine and self.teacher is not None)
+
+
+@dataclass
+class AddClassesResult:
+    version: registry.VersionInfo
+    promoted: bool
+    reason: str
+    gate: GateFigures
+    child: dict                   # reported figures (test, else val), as served
+
+
+def apply_tuned_config(opts: AddClassesOptions, catalog_uri: str) -> tuple[AddClassesOptions, str]:
+    """``opts`` with the tuned values of ``opts.tuned_config`` applied; ``(opts, source)``.
+
+    A config stored by ``jobs/tune.py`` (``best``) also brings the freezing policy its trials
+    trained with (the balancer and beta act only where the box head trains)."""
+    if not opts.tuned_config:
+        return opts, "flags"
+    from fewshot.backends.tuned_configs import apply_to, load_best_record, load_config
+
+    try:
+        cfg, source = load_config(opts.tuned_config, catalog_uri, opts.store.model_name)
+        freeze = opts.method.freeze
+        if opts.tuned_config.strip() == "best":
+            tuned_for = load_best_record(catalog_uri, opts.store.model_name).get("tuned_for", {})
+            freeze = tuned_for.get("freeze", freeze)
+    except ValueError as err:
+        raise AddClassesError(f"--tuned-config {opts.tuned_config}: {err}") from None
+    method, train = apply_to(cfg, dc_replace(opts.method, freeze=freeze), opts.train)
+    return dc_replace(opts, method=method, train=train), source
+
+
+def _check_method(method: MethodOptions) -> None:
+    try:
+        method.check()
+    except ValueError as err:
+        raise AddClassesError(str(err)) from None
+    if method.freeze == "head" and (method.balancer or method.distill_beta > 0):
+        what = " and ".join(w for w in (f"--balancer {method.balancer}" if method.balancer else "",
+                                       f"--distill-beta {method.distill_beta:g}" if method.distill_beta > 0 else "") if w)
+        raise AddClassesError(
+            f"{what} act on the shared RoI feature, which does not train with --freeze head (only the "
+            "new classifier rows do): it would change nothing. Pass --freeze backbone (box head trains) "
+            "or --freeze none, or drop it")
+
+
+def _load_parent_refiner(ckpt: DetectorCheckpoint, teacher) -> object | None:
+    """The refiner the parent is served with (its teacher loaded), or None if it has none."""
+    if REFINER_KEY not in ckpt.extra:
+        return None
+    from fewshot.clip.refinement import Refiner
+
+    try:
+        stored = ckpt.extra[REFINER_KEY]
+        same = teacher is not None and stored.get("teacher_id") == teacher.id
+        refiner = Refiner.from_extra(ckpt.extra, teacher=teacher if same else None)
+        refiner.teacher  # load it now: a gate that cannot judge the parent as served must not run
+        return refiner
+    except Exception as err:  # noqa: BLE001 - any failure means "cannot judge like for like"
+        raise AddClassesError(
+            f"the champion is served with CLIP refinement (teacher "
+            f"{ckpt.extra[REFINER_KEY].get('teacher_spec') or '?'}), which cannot be loaded here ({err}); "
+            "the gate compares parent and child as each is served: make that teacher available "
+            "(--teacher with the same spec)") from None
+
+
+def validate(opts: AddClassesOptions) -> Plan:
+    """Every input check, before any write; returns the plan with what it read.
+    Raises :class:`AddClassesError` with a clear message."""
+    store = opts.store
+    try:
+        store.check()
+        opts.cluster.check()
+    except ValueError as err:
+        raise AddClassesError(str(err)) from None
+    opts, config_source = apply_tuned_config(opts, store.mlflow_uri)
+    if opts.shots < 1:
+        raise AddClassesError(f"--shots must be at least 1, got {opts.shots}")
+    if not opts.classes:
+        raise AddClassesError("--classes is empty: name at least one class to add")
+    classes = list(opts.classes)
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes:
+        raise AddClassesError(f"--classes names {dupes} more than once")
+    _check_method(opts.method)
+    parent = registry.get_alias(store.mlflow_uri, store.model_name, registry.CHAMPION)
+    if parent is None:
+        raise AddClassesError(
+            f"registered model {store.model_name!r} has no '{registry.CHAMPION}' version at "
+            f"{store.mlflow_uri}: run jobs/base_train.py first")
+    dataset = opts.dataset or parent.tags.get("dataset")
+    if not dataset:
+        raise AddClassesError("the champion version has no 'dataset' tag: pass --dataset")
+    catalog = Catalog(store.catalog)
+    try:
+        manifest = catalog.manifest(dataset)
+    except KeyError as err:
+        raise AddClassesError(str(err.args[0] if err.args else err)) from None
+    by_name = manifest.category_by_name()
+    unknown = [c for c in classes if c not in by_name]
+    if unknown:
+        hints = {c: difflib.get_close_matches(c, list(by_name), n=3) for c in unknown}
+        hint = "; ".join(f"{c!r}: did you mean {h}?" for c, h in hints.items() if h)
+        raise AddClassesError(
+            f"unknown class(es) {unknown} for dataset {dataset!r}"
+            + (f" ({hint})" if hint else f" (known: {sorted(by_name)})"))
+    present = [c for c in classes if c in parent.classes]
+    if present:
+        raise AddClassesError(
+            f"class(es) {present} are already in the champion class set "
+            f"(version {parent.version}, class set {parent.class_set})")
+    if not manifest.splits.get("val"):
+        raise AddClassesError(f"dataset {dataset!r} has no val split: the gate and the refinement "
+                              "fusion weight are chosen on val (re-import it with a val split)")
+    new_ids = [by_name[c].id for c in classes]
+    train_table = catalog.read_split(dataset, "train")
+    counts = count_instances(train_table, new_ids)
+    short = {c: counts.get(by_name[c].id, 0) for c in classes if counts.get(by_name[c].id, 0) < opts.shots}
+    if short:
+        raise AddClassesError(
+            f"too few annotated instances in {dataset!r}/train for {opts.shots} shots: "
+            + ", ".join(f"{c} has {n}" for c, n in short.items()))
+    teacher = None
+    if opts.method.teacher:
+        from fewshot.clip.teacher import load_teacher
+
+        try:
+            teacher = load_teacher(opts.method.teacher)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise AddClassesError(f"--teacher {opts.method.teacher!r} could not be loaded: {err}") from None
+
+    work = Path(tempfile.mkdtemp(prefix="fewshot-add-"))
+    try:
+        path = registry.download_checkpoint(store.mlflow_uri, store.model_name, parent.version, work / "parent")
+        parent_ckpt = load_checkpoint(path)
+        if parent_ckpt.classes != parent.classes:
+            raise AddClassesError(f"version {parent.version}: registry tags and checkpoint disagree on "
+                                  "the class list")
+        parent_refiner = _load_parent_refiner(parent_ckpt, teacher)
+        base_names = list(parent_ckpt.classes)
+        val = load_eval_split(catalog, dataset, "val", base_names, classes, max_images=opts.max_val_images)
+        test = (load_eval_split(catalog, dataset, "test", base_names, classes, max_images=opts.max_test_images)
+                if manifest.splits.get("test") else None)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return Plan(opts=opts, config_source=config_source, parent=parent, parent_ckpt=parent_ckpt,
+                parent_refiner=parent_refiner, manifest=manifest, train_table=train_table,
+                new_classes=classes, new_ids=new_ids, old_ids=[by_name[c].id for c in parent.classes],
+                teacher=teacher, method=opts.method.config(teacher.embed_dim if teacher is not None else None),
+                val=val, test=test, work=work)
+
+
+def _support_overlap(rows: list[dict], *splits: EvalSplit | None) -> list[int]:
+    """Image ids of support rows that are also evaluation images (by content when the
+    catalog stores a content hash, else by id)."""
+    def keys(row):
+        return row.get("content_sha256") or ("id", int(row["image_id"]))
+
+    support = {keys(r): int(r["image_id"]) for r in rows}
+    shared = set()
+    for split in splits:
+        if split is not None:
+            shared |= {support[keys(r)] for r in split.rows if keys(r) in support}
+    return sorted(shared)
+
+
+@dataclass
+class _Scores:
+    served: EvalReport
+    unrefined: EvalReport
+
+
+def _score_both(ckpt: DetectorCheckpoint, split: EvalSplit, refiner) -> _Scores:
+    """One prediction pass; the served figures apply ``refiner`` when there is one."""
+    results = predict(ckpt, split)
+    raw = score(ckpt, split, results=results)
+    return _Scores(served=score(ckpt, split, refiner=refiner, results=results) if refiner is not None else raw,
+                   unrefined=raw)
+
+
+def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
+    plan = validate(opts)
+    try:
+        return _run(plan)
+    finally:
+        import shutil
+
+        shutil.rmtree(plan.work, ignore_errors=True)
+
+
+def _run(plan: Plan) -> AddClassesResult:
+    opts, store = plan.opts, plan.opts.store
+    catalog = Catalog(store.catalog)
+    parent_ckpt = plan.parent_ckpt
+    child_classes = parent_ckpt.classes + plan.new_classes
+    child_ids = parent_ckpt.category_ids + plan.new_ids
+    try:
+        parent_cs = load_class_set(catalog, parent_ckpt.class_set)
+    except ClassSetNotFound:  # a parent registered from another catalog
+        parent_cs = ClassSet.create(plan.dataset, parent_ckpt.classes)
+    class_set = extend(parent_cs, plan.new_classes)
+
+    novel_rows, replay_rows = sample_support(plan.train_table, plan.new_ids, plan.old_ids, opts.shots,
+                                             opts.seed, replay=opts.replay)
+    shared = _support_overlap(novel_rows + replay_rows, plan.val, plan.test)
+    if shared:
+        raise AddClassesError(f"support images {shared[:10]} are also val/test images of {plan.dataset!r}: "
+                              "refusing to evaluate on the images the shots came from (re-import the "
+                              "dataset; the importer removes images shared across splits)")
+    episode = Episode(parent=parent_ckpt, dataset=plan.dataset, new_classes=plan.new_classes,
+                      new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
+                      novel_rows=novel_rows, replay_rows=replay_rows)
+    start = expand_parent(episode)  # one imprinted classifier row per new class
+    # the parent's refiner knew the old classes only: the child gets its own (or none)
+    extra = {k: v for k, v in parent_ckpt.extra.items() if k != REFINER_KEY}
+    init_path = save_checkpoint(plan.work / "init.pt", start.build_model(), start.config, child_classes,
+                                child_ids, plan.dataset, class_set.id, extra)
+    method = plan.method
+
+    ensure_ray(opts.cluster.ray_address)
+    run_name = f"add-{'+'.join(plan.new_classes)}-{opts.shots}shot-s{opts.seed}"
+    with tracking.start_run(store.mlflow_uri, store.experiment, run_name,
+                            tags={"job": "add_classes", "parent_version": str(plan.parent.version),
+                                  "class_set": class_set.id}) as run:
+        tracking.log_params({
+            "dataset": plan.dataset, "new_classes": plan.new_classes, "shots": opts.shots,
+            "seed": opts.seed, "parent_version": plan.parent.version,
+            "replay": opts.replay, "novel_images": len(novel_rows), "replay_images": len(replay_rows),
+            "max_base_drop": opts.max_base_drop, "max_detector_drop": opts.max_detector_drop,
+            "teacher": plan.teacher.id if plan.teacher is not None else "none",
+            "refine": plan.refine, "config_source": plan.config_source,
+            "val_images": len(plan.val.rows), "test_images": len(plan.test.rows) if plan.test else 0,
+            **{k: ("none" if v is None else v) for k, v in method.to_dict().items()},
+            **opts.train.to_dict(),
+        })
+        rows = novel_rows + replay_rows
+        schema = IMAGE_SCHEMA
+        if method.distills:
+            print(f"embedding {sum(len(r['boxes']) for r in rows)} support boxes with the teacher ...",
+                  flush=True)
+            rows = TeacherEmbedder(plan.teacher)(rows)
+            schema = schema.append(pa.field(TEACHER_EMB_COLUMN, pa.list_(pa.list_(pa.float32()))))
+        dataset = ray_train.dataset_from_rows(rows, schema)
+        spec = ray_train.TrainJobSpec(
+            init_checkpoint=str(init_path), train=opts.train, seed=opts.seed, method=method,
+            mlflow_tracking_uri=store.mlflow_uri,
+            mlflow_run_id=run.info.run_id, metric_prefix="finetune/",
+        )
+        print(f"fine-tuning on {len(novel_rows)} novel + {len(replay_rows)} replay images "
+              f"({opts.shots} shots, freeze={method.freeze}, balancer={method.balancer or 'none'}, "
+              f"distill beta={method.distill_beta:g}) ...", flush=True)
+        final = ray_train.fit(spec, dataset, opts.cluster, out_dir=plan.work / "child",
+                              name=f"add-{run.info.run_id[:8]}")
+        child_ckpt = load_checkpoint(final)
+        child_val_results = predict(child_ckpt, plan.val)
+        refiner = None
+        if plan.refine:
+            refiner = refine_checkpoint_file(final, plan.teacher, plan.val, child_val_results)
+            child_ckpt = load_checkpoint(final)
+        refine_tags = tracking.log_refinement(refiner) if refiner is not None else {}
+
+        # the gate: val only, parent and child each as served and unrefined
+        print(f"scoring parent and child on {len(plan.val.rows)} val images (the gate) ...", flush=True)
+        parent_val_split = _base_only(plan.val)
+        parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner)
+        child_val_raw = score(child_ckpt, plan.val, results=child_val_results)
+        child_val = _Scores(served=score(child_ckpt, plan.val, refiner=refiner, results=child_val_results)
+                            if refiner is not None else child_val_raw, unrefined=child_val_raw)
+        rule = GateRule(max_served_drop=opts.max_base_drop, max_detector_drop=opts.max_detector_drop)
+        figures = GateFigures(
+            split="val", images=len(plan.val.rows),
+            parent_served=parent_val.served.bAP50, child_served=child_val.served.bAP50,
+            parent_unrefined=parent_val.unrefined.bAP50, child_unrefined=child_val.unrefined.bAP50,
+            parent_refined=plan.parent_refiner is not None, child_refined=refiner is not None,
+            child_nAP50=child_val.served.nAP50)
+        passed, reason = rule.decide(figures)
+        tracking.log_eval_report(parent_val.served, prefix="parent_val_")
+        tracking.log_eval_report(child_val.served, prefix="val_", novel=set(plan.new_classes),
+                                 parent_per_class=parent_val.served.per_class_AP50)
+        tracking.log_metrics({f"unrefined_val_{k}": v for k, v in child_val.unrefined.headline().items()})
+        tracking.log_metrics(figures.metrics())
+
+        # the report: test, never used to decide
+        reported = child_val.served
+        report_tags = {"report_split": "val (the dataset has no test split; these figures are the "
+                                       "ones the gate used)"}
+        if plan.test is not None:
+            print(f"reporting on {len(plan.test.rows)} test images ...", flush=True)
+            parent_test = _score_both(parent_ckpt, _base_only(plan.test), plan.parent_refiner)
+            child_test = _score_both(child_ckpt, plan.test, refiner)
+            tracking.log_eval_report(parent_test.served, prefix="parent_test_")
+            tracking.log_eval_report(child_test.served, prefix="test_", novel=set(plan.new_classes),
+                                     parent_per_class=parent_test.served.per_class_AP50)
+            tracking.log_metrics({f"unrefined_test_{k}": v for k, v in child_test.unrefined.headline().items()})
+            reported = child_test.served
+            report_tags = {"report_split": "test", "parent_test_bAP50": f"{parent_test.served.bAP50:.4f}",
+                           "unrefined_test_bAP50": f"{child_test.unrefined.bAP50:.4f}",
+                           "unrefined_test_nAP50": f"{child_test.unrefined.nAP50:.4f}"}
+
+        method_tags = {"balancer": method.balancer or "none", "distill_beta": f"{method.distill_beta:g}",
+                       "freeze": method.freeze, "config_source": plan.config_source,
+                       "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
+                                             "steps": opts.train.steps}, sort_keys=True)}
+        description = describe_version(plan.new_classes, plan.parent.version, opts.shots, passed, reason,
+                                       figures, reported, report_tags["report_split"])
+        version = registry.register_detector(
+            store.mlflow_uri, store.model_name, final, classes=child_classes, class_set=class_set.id,
+            parent_version=plan.parent.version, shots=opts.shots, description=description,
+            extra_tags={"dataset": plan.dataset, "job": "add_classes", "seed": str(opts.seed),
+                        "new_classes": ",".join(plan.new_classes), "gate": "passed" if passed else "failed",
+                        "gate_reason": reason, "gate_rule": rule.describe(),
+                        "gate_figures": json.dumps(figures.to_dict(), sort_keys=True),
+                        "parent_bAP50": f"{figures.parent_served:.4f}",
+                        "bAP50_change": f"{figures.served_change:.4f}",
+                        "bAP50_change_unrefined": f"{figures.unrefined_change:.4f}",
+                        promotion.INCOMPLETE_TAG: "true",
+                        **method_tags, **refine_tags, **report_tags, **tracking.eval_tags(reported)},
+        )
+        decision = promotion.promote(store.mlflow_uri, store.model_name, version.version,
+                                     expected_champion=plan.parent.version, want_champion=passed,
+                                     reason=reason)
+        save_class_set(catalog, class_set)  # after the alias: a job killed before leaves the catalog as it was
+        tracking.set_tags({"registered_version": str(version.version), "alias": decision.alias})
+
+    print(f"gate (val, {figures.images} images): {reason}", flush=True)
+    print(f"child ({report_tags['report_split'].split(' ')[0]}): nAP50={reported.nAP50:.4f} "
+          f"bAP50={reported.bAP50:.4f} nAP={reported.nAP:.4f} bAP={reported.bAP:.4f}"
+          + (f" (CLIP refinement, fusion weight {refiner.fusion_weight:g})" if refiner else ""), flush=True)
+    if decision.promoted:
+        print(f"registered {store.model_name} version {version.version} as 'champion' "
+              f"(parent {plan.parent.version})", flush=True)
+    else:
+        print(f"registered {store.model_name} version {version.version} as 'candidate', NOT promoted: "
+              f"{decision.reason}", flush=True)
+    version = registry.get_version(store.mlflow_uri, store.model_name, version.version)
+    return AddClassesResult(version=version, promoted=decision.promoted, reason=decision.reason,
+                            gate=figures, child=reported.headline())
+
+
+def _base_only(split: EvalSplit) -> EvalSplit:
+    """The same images scored on the base classes only (what the parent knows)."""
+    keep = set(split.base_ids)
+    gt = {**split.gt, "annotations": [a for a in split.gt.get("annotations", []) if a["category_id"] in keep],
+          "categories": [c for c in split.gt.get("categories", []) if c["id"] in keep]}
+    return EvalSplit(rows=split.rows, gt=gt, base_ids=list(split.base_ids), novel_ids=[])
