@@ -32,7 +32,6 @@ python jobs/build_dataset.py --catalog "$FEWSHOT_CATALOG" || {
 champion() {  # prints "version|classes-json" of the champion, or nothing
   python - "$MODEL" <<'PY'
 import sys
-sys.path[:0] = ["platform", "."]
 from fewshot.backends import registry
 v = registry.get_alias(None, sys.argv[1], registry.CHAMPION)
 print("" if v is None else f"{v.version}|{','.join(v.classes)}")
@@ -60,7 +59,6 @@ fi
 if [ -z "$NOVEL" ]; then
   NOVEL=$(python - <<'PY'
 import sys
-sys.path[:0] = ["platform", "."]
 from catalog import Catalog
 print(",".join(Catalog().manifest("synthworld").class_split("split1").novel))
 PY
@@ -80,7 +78,6 @@ fi
 step "6/6 ask the endpoint"
 python - <<'PY'
 import os, sys
-sys.path[:0] = ["platform", "."]
 from catalog import Catalog
 row = Catalog().read_split("synthworld", "test").slice(0, 1).to_pylist()[0]
 path = os.path.join(os.environ["FEWSHOT_STATE"], "demo.png")

@@ -82,7 +82,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     split = manifest.class_split("split1")
     novel = list(split.novel[:2])
     common = ["--catalog", str(tiny_catalog.root), "--mlflow-uri", mlflow_uri, "--model-name", MODEL,
-              "--max-eval-images", "20"]
+              "--max-test-images", "20"]
 
     # base training distils the teacher (its embeddings of every train box are cached first);
     # no refiner for version 1, so Serve's "no refiner" answer is checked below
@@ -130,7 +130,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     sender.start()
     try:
         out = submit(cluster, ["jobs/add_classes.py", "--classes", ",".join(novel), "--shots", "2",
-                               "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0",
+                               "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0", "--max-detector-drop", "1.0",
                                "--cpus-per-worker", "1", "--freeze", "backbone", "--balancer", "pgb",
                                "--teacher", tiny_teacher_spec, "--distill-beta", "0.5",
                                "--max-val-images", "8", *common])
@@ -176,3 +176,14 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     assert json.loads(v2.tags["classes"]) == list(split.base) + novel
     assert v2.tags["shots"] == "2" and "nAP50" in v2.tags and "bAP50" in v2.tags
     assert "champion" in v2.aliases
+
+    # the gate judged on val, like for like, and says so in one readable place
+    figures = json.loads(v2.tags["gate_figures"])
+    assert figures["split"] == "val" and figures["images"] == 8
+    assert figures["child_refined"] is True and figures["parent_refined"] is False
+    assert {"served_change", "unrefined_change"} <= set(figures)
+    assert "on val" in v2.tags["gate_rule"] and v2.tags["gate"] == "passed"
+    assert v2.tags["report_split"] == "test" and v2.tags["promotion"] == "champion"
+    assert "incomplete" not in v2.tags  # the promotion actor removed it with the alias move
+    mv = client.get_model_version(MODEL, "2")
+    assert mv.description.startswith("Adds ") and "Gate passed on 8 val images" in mv.description
