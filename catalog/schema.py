@@ -87,7 +87,7 @@ class SplitOrigin:
         out: dict = {"kind": self.kind}
         for key in ("source", "format", "fraction", "seed", "stratify", "images", "ids_sha256"):
             value = getattr(self, key)
-            if value not in ("", None, 0) or (key == "images" and self.held_out):
+            if value is not None and value != "" and (self.held_out or key != "images"):
                 out[key] = value
         if self.image_ids:
             out["image_ids"] = list(self.image_ids)
