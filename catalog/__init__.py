@@ -1,8 +1,8 @@
 """The catalog: datasets and class sets for the few-shot detection platform."""
-from catalog.schema import IMAGE_SCHEMA, SPLITS, Category, ClassSplit, DatasetManifest
+from catalog.schema import IMAGE_SCHEMA, SPLITS, Category, ClassSplit, DatasetManifest, SplitOrigin
 from catalog.store import Catalog, DatasetNotFound, default_root
 
 __all__ = [
-    "IMAGE_SCHEMA", "SPLITS", "Category", "ClassSplit", "DatasetManifest",
+    "IMAGE_SCHEMA", "SPLITS", "Category", "ClassSplit", "DatasetManifest", "SplitOrigin",
     "Catalog", "DatasetNotFound", "default_root",
 ]

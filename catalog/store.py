@@ -1,5 +1,10 @@
 """Parquet storage for the catalog, with all-or-nothing writes.
 
+Every row written carries ``content_sha256`` (computed from the image bytes when the caller
+did not supply it; null only when those bytes are no image), and the manifest records the hash
+algorithm when every row has one, so later code can check that splits share no image by
+comparing one string column.
+
 A dataset is written into a hidden staging folder next to its final place and renamed into
 place only when every split and the manifest are complete, so an import that fails half way
 (a truncated JPEG, a bad json) leaves the catalog exactly as it was.
@@ -16,6 +21,7 @@ from typing import Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalog.content_hash import CONTENT_HASH_ALGO, fill_content_hashes
 from catalog.schema import IMAGE_SCHEMA, SPLITS, DatasetManifest
 
 DEFAULT_ROOT_ENV = "FEWSHOT_CATALOG"
@@ -107,6 +113,7 @@ class DatasetWriter:
         self._writers: dict[str, pq.ParquetWriter] = {}
         self._counts: dict[str, int] = {}
         self._buffers: dict[str, list[dict]] = {}
+        self._unhashed = 0  # rows written without a content hash (undecodable image bytes)
 
     def __enter__(self) -> "DatasetWriter":
         if self.final_dir.exists() and not self.overwrite:
@@ -126,7 +133,11 @@ class DatasetWriter:
         return self._writers[split]
 
     def write_table(self, split: str, table: pa.Table) -> None:
+        # rows without a content hash (the synthetic world's, a legacy dataset's being
+        # copied) get one computed from their image bytes: every written row carries it
+        table = fill_content_hashes(table)
         table = table.select(IMAGE_SCHEMA.names).cast(IMAGE_SCHEMA)
+        self._unhashed += table.column("content_sha256").null_count
         self._writer(split).write_table(table, row_group_size=self.row_group_size)
         self._counts[split] += table.num_rows
 
@@ -158,6 +169,8 @@ class DatasetWriter:
             shutil.rmtree(self.stage_dir, ignore_errors=True)
             return
         self.manifest.splits = dict(self._counts)
+        # the manifest vouches for hashes only when every row has one
+        self.manifest.content_hash = CONTENT_HASH_ALGO if not self._unhashed else ""
         (self.stage_dir / "dataset.json").write_text(json.dumps(self.manifest.to_json(), indent=2))
         old = None
         if self.final_dir.exists():

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from catalog.content_hash import pixels_sha256
 from catalog.shapes import CLASS_NAMES, Outline, Stroke, clutter_outline, shape_outline
 
 __all__ = [
@@ -427,6 +428,7 @@ def generate_row(seed: int, split: str, index: int, config: WorldConfig = WorldC
         "boxes": [list(o.box) for o in anns],
         "category_ids": [category_ids[o.category] for o in anns],
         "iscrowd": [False] * len(anns),
+        "content_sha256": pixels_sha256(scene.image),  # the PNG is lossless: same pixels
     }
 
 

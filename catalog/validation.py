@@ -62,6 +62,15 @@ class SplitExistsError(DatasetImportError):
     """The split being imported already exists in the dataset (pass overwrite to replace it)."""
 
 
+class SplitOverlapError(DatasetImportError):
+    """The same image (by content hash) is in two splits and the policy is to refuse.
+    ``pairs`` lists every ``(split, file_name, image_id, split, file_name, image_id)``."""
+
+    def __init__(self, message: str, pairs: Sequence[tuple]):
+        super().__init__(message)
+        self.pairs = list(pairs)
+
+
 def list_some(items: Sequence[object], limit: int = MAX_LISTED) -> str:
     """``'a, b, c'`` or ``'a, b, ... and 12 more'`` for error messages."""
     items = [str(i) for i in items]
@@ -167,6 +176,14 @@ class ImportReport:
     kept_splits: dict[str, int] = field(default_factory=dict)  # existing splits carried over
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # images found in more than one split by content hash and what was done:
+    # {"method", "policy", "groups", "removed": {split: n}, "examples": [...]}
+    overlap: dict = field(default_factory=dict)
+    # hold-outs drawn at this import: {split: {"from", "fraction", "seed", "images", ...}}
+    holdouts: dict[str, dict] = field(default_factory=dict)
+    # the dataset as written: {split: {"images", "boxes", "origin"}}
+    stored: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # decisions worth a line (not problems)
 
     @property
     def total(self) -> SplitStats:
@@ -191,6 +208,10 @@ class ImportReport:
             "unreferenced_files": self.unreferenced_files,
             "unassigned_images": self.unassigned_images,
             "kept_splits": dict(self.kept_splits),
+            "overlap": dict(self.overlap),
+            "holdouts": {k: dict(v) for k, v in self.holdouts.items()},
+            "stored": {k: dict(v) for k, v in self.stored.items()},
+            "notes": list(self.notes),
             "warnings": list(self.warnings),
             "seconds": round(self.seconds, 3),
         }
@@ -221,6 +242,14 @@ class ImportReport:
                 out[f"{scope}/converted_{k}"] = float(v)
         for name, n in self.total.to_dict(self.categories)["per_class"].items():
             out[_metric_key(f"total/class/{name}")] = float(n)
+        for split, st in self.stored.items():
+            out[f"stored/{split}/images"] = float(st.get("images", 0))
+        for split, n in self.overlap.get("removed", {}).items():
+            out[f"overlap/removed_{split}"] = float(n)
+        if self.overlap:
+            out["overlap/groups"] = float(self.overlap.get("groups", 0))
+        for split, h in self.holdouts.items():
+            out[f"holdout/{split}/images"] = float(h.get("images", 0))
         out["unreferenced_files"] = float(self.unreferenced_files)
         out["unassigned_images"] = float(self.unassigned_images)
         out["warnings"] = float(len(self.warnings))
@@ -255,7 +284,20 @@ class ImportReport:
                          f"{self.unassigned_images}")
         if self.kept_splits:
             kept = ", ".join(f"{s} ({n} images)" for s, n in self.kept_splits.items())
-            lines.append(f"existing splits kept unchanged: {kept}")
+            lines.append(f"existing splits kept: {kept}")
+        if self.overlap:
+            lines.append(self.overlap_line())
+        for split, h in self.holdouts.items():
+            lines.append(
+                f"held out {split!r} from {h['from']!r}: {h['images']} of {h['source_images']} "
+                f"images ({h['actual_fraction']:.1%}; asked {h['fraction']:.0%}, seed "
+                f"{h['seed']}, stratified by rarest class)")
+        if self.stored:
+            stable = [("stored split", "images", "boxes", "origin")] + [
+                (s, str(v.get("images", 0)), str(v.get("boxes", 0)), str(v.get("origin", "")))
+                for s, v in self.stored.items()]
+            lines += _render(stable, left=(0, 3))
+        lines += [f"note: {n}" for n in self.notes]
 
         any_crowd = total.crowd > 0
         lines.append("boxes per class" + (
@@ -288,6 +330,14 @@ class ImportReport:
             lines.append("warnings: none")
         lines.append(f"took {self.seconds:.1f} s")
         return "\n".join(lines)
+
+    def overlap_line(self) -> str:
+        ov = self.overlap
+        if not ov.get("groups"):
+            return "images in more than one split (by content hash): none"
+        removed = ", ".join(f"{n} from {s}" for s, n in ov.get("removed", {}).items()) or "none"
+        return (f"images in more than one split (by content hash): {ov['groups']}; policy "
+                f"{ov.get('policy')}: removed {removed}")
 
     def __str__(self) -> str:
         return self.format_table()

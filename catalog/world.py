@@ -17,7 +17,7 @@ from dataclasses import replace
 from multiprocessing import get_context
 from typing import Iterator
 
-from catalog.schema import IMAGE_SCHEMA, Category, ClassSplit, DatasetManifest
+from catalog.schema import IMAGE_SCHEMA, Category, ClassSplit, DatasetManifest, SplitOrigin
 from catalog.shapes import CLASS_NAMES
 from catalog.store import Catalog
 from catalog.synthetic import WorldConfig, generate_row
@@ -85,6 +85,9 @@ def world_manifest(name: str = WORLD_NAME, info: dict | None = None) -> DatasetM
         class_splits=list(CLASS_SPLITS),
         source="synthetic",
         info=dict(info or {}),
+        # the world renders its own train/val/test: nothing is held out at import
+        split_origins={s: SplitOrigin(kind="generated", source="catalog.synthetic")
+                       for s in ("train", "val", "test")},
     )
 
 

@@ -8,6 +8,13 @@
         --images ../shared/datasets/coco-mini/val2017
     python jobs/import_dataset.py --name bccd --voc ../shared/datasets/bccd
 
+Splits never share an image: images are compared across splits by a sha256 of their decoded
+pixels (renamed copies and metadata-only edits are caught; lossy re-encodes are not). An
+image found in two splits stops the import unless --on-overlap says which split keeps it.
+A dataset left without a test split gets a seeded, class-stratified hold-out of train (of
+val when there is no train; val stays whole for selection), and one with train but no val
+gets a val hold-out; the manifest records what was held out (split_origins).
+
 Exit status: 0 imported; 2 bad input or arguments (one-line error, catalog unchanged);
 3 imported, but logging the report to MLflow failed.
 """
@@ -20,11 +27,26 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from catalog import Catalog, default_root
-from catalog.importers import import_coco, import_voc
+from catalog.importers import (
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    OVERLAP_POLICIES,
+    import_coco,
+    import_voc,
+)
 from catalog.schema import SPLITS
 from catalog.validation import DatasetImportError, ImportReport
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +86,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the imported split(s) if the dataset already has them "
                         "(its other splits are kept); without it an existing split is an error")
+    p.add_argument("--on-overlap", choices=OVERLAP_POLICIES, default="refuse",
+                   help="what to do with an image (same decoded pixels, whatever its file "
+                        "name) found in more than one split, among the imported splits and "
+                        "the dataset's existing ones. refuse (default): stop with an error "
+                        "naming some pairs, write nothing. keep-in-train: keep it in the first "
+                        "of train, val, test that holds it and remove it from the others. "
+                        "keep-in-eval: keep it in the first of test, val, train. The report "
+                        "counts the images removed from each split")
+    p.add_argument("--test-fraction", type=_fraction, default=DEFAULT_TEST_FRACTION,
+                   metavar="F",
+                   help="when the dataset has no test split after this import, hold out this "
+                        "fraction of train's images as test (of val's when there is no "
+                        "train), seeded and stratified by each image's rarest class so every "
+                        "class with 2+ images lands on both sides (rare classes can push the "
+                        "share above F). A later import of a real test split, or of train, "
+                        "returns the held-out images and draws again. 0 turns it off "
+                        f"(default {DEFAULT_TEST_FRACTION})")
+    p.add_argument("--val-fraction", type=_fraction, default=DEFAULT_VAL_FRACTION,
+                   metavar="F",
+                   help="when the dataset has train but no val after this import, hold out "
+                        "this fraction of train's images as val, after the test draw and "
+                        "the same way (importing a real val later returns them to train). "
+                        f"0 turns it off (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--holdout-seed", type=int, default=0, metavar="N",
+                   help="seed of the test/val hold-out draws; the same images, fractions and "
+                        "seed give the same hold-outs on every machine (default 0)")
     p.add_argument("--workers", type=int, default=None,
                    help="threads decoding images (default: number of CPUs, at most 8)")
     p.add_argument("--report-json", metavar="PATH", type=Path, default=None,
@@ -109,16 +157,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.voc is not None and args.split is not None and args.voc_split_map is not None:
         parser.error("give either --split (everything into one split) or --voc-split-map")
 
+    if args.test_fraction + args.val_fraction >= 1.0:
+        parser.error("--test-fraction + --val-fraction must be below 1")
+
     catalog = Catalog(args.catalog)
+    split_options = dict(on_overlap=args.on_overlap, test_fraction=args.test_fraction,
+                         val_fraction=args.val_fraction, holdout_seed=args.holdout_seed)
     try:
         if args.coco is not None:
             report = import_coco(catalog, args.name, args.coco, images=args.images,
                                  split=args.split, overwrite=args.overwrite,
-                                 workers=args.workers)
+                                 workers=args.workers, **split_options)
         else:
             report = import_voc(catalog, args.name, args.voc, split=args.split,
                                 split_map=args.voc_split_map, overwrite=args.overwrite,
-                                workers=args.workers)
+                                workers=args.workers, **split_options)
     except (DatasetImportError, FileExistsError) as exc:
         message = " ".join(str(exc).split())
         print(f"import_dataset: error: {message}", file=sys.stderr)

@@ -129,7 +129,8 @@ def _exported_boxes(d: dict) -> list[tuple]:
 def test_coco_mini_round_trip(tmp_path):
     cat = Catalog(tmp_path / "catalog")
     src_path = COCO_MINI / "annotations" / "instances_val2017.json"
-    import_coco(cat, "coco-mini", src_path, images=COCO_MINI / "val2017", split="val")
+    import_coco(cat, "coco-mini", src_path, images=COCO_MINI / "val2017", split="val",
+                test_fraction=0)  # the whole json, no test held out of it
     out = export_coco(cat, "coco-mini", "val", tmp_path / "val.json")
     src = json.loads(src_path.read_text())
     exp = _quiet(COCO, str(out))

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
@@ -46,9 +47,13 @@ def test_coco_mini_counts_match_the_json(coco_mini, split):
     cat, reports = coco_mini
     src = _json(split)
     manifest = cat.manifest("coco-mini")
-    assert manifest.splits[split] == len(src["images"])
+    # no test split in COCO: test is held out from train, val stays whole for selection
+    stored = [split] + (["test"] if split == "train" else [])
+    assert sum(manifest.splits[s] for s in stored) == len(src["images"])
+    assert manifest.split_origins["test"].held_out and manifest.origin("test").source == "train"
 
-    table = cat.read_split("coco-mini", split, columns=["image_id", "category_ids", "iscrowd"])
+    cols = ["image_id", "category_ids", "iscrowd"]
+    table = pa.concat_tables([cat.read_split("coco-mini", s, columns=cols) for s in stored])
     assert sorted(table.column("image_id").to_pylist()) == sorted(i["id"] for i in src["images"])
     stored = Counter(c for row in table.column("category_ids").to_pylist() for c in row)
     expected = Counter(a["category_id"] for a in src["annotations"])
@@ -180,7 +185,9 @@ def test_quirks_are_repaired_and_counted(tmp_path):
     assert report.to_dict()["total"]["per_class"] == {"car": 3, "cat": 2, "toothbrush": 2}
     assert [c.id for c in cat.manifest("quirky").categories] == [3, 17, 90]
 
-    rows = {r["file_name"]: r for r in cat.read_split("quirky", "train").to_pylist()}
+    stored = cat.manifest("quirky").splits  # train, and val + test held out from it
+    assert set(stored) == {"train", "val", "test"} and sum(stored.values()) == 8
+    rows = {r["file_name"]: r for s in stored for r in cat.read_split("quirky", s).to_pylist()}
     assert len(rows) == 8 and "not_in_json.jpg" not in rows
     for r in rows.values():
         img = Image.open(io.BytesIO(r["image"]))
@@ -237,20 +244,26 @@ def test_size_mismatch_is_counted_and_boxes_clipped_to_the_real_image(tmp_path):
 def test_adding_a_split_keeps_the_others_and_refuses_to_clobber(tmp_path):
     ann = _build_quirky_coco(tmp_path / "src")
     images = tmp_path / "src" / "images"
+    other = tmp_path / "other"  # the val images: other pixels, so no image is in two splits
+    other.mkdir()
+    for f in images.iterdir():
+        img = Image.open(f)
+        ImageOps.invert(img.convert("RGB")).save(other / f.name, format=img.format)
     cat = Catalog(tmp_path / "catalog")
-    import_coco(cat, "ds", ann, images=images, split="train")
+    opts = dict(test_fraction=0, val_fraction=0)  # no hold-outs: splits as imported
+    import_coco(cat, "ds", ann, images=images, split="train", **opts)
     train_before = cat.read_split("ds", "train")
-    report = import_coco(cat, "ds", ann, images=images, split="val")
+    report = import_coco(cat, "ds", ann, images=other, split="val", **opts)
     assert report.kept_splits == {"train": 8}
     assert cat.manifest("ds").splits == {"train": 8, "val": 8}
     assert cat.read_split("ds", "train").equals(train_before)
 
     before = {p.name: p.read_bytes() for p in cat.dataset_dir("ds").iterdir()}
     with pytest.raises(SplitExistsError, match="already has split"):
-        import_coco(cat, "ds", ann, images=images, split="val")
+        import_coco(cat, "ds", ann, images=other, split="val", **opts)
     assert {p.name: p.read_bytes() for p in cat.dataset_dir("ds").iterdir()} == before
 
-    import_coco(cat, "ds", ann, images=images, split="val", overwrite=True)
+    import_coco(cat, "ds", ann, images=other, split="val", overwrite=True, **opts)
     assert cat.manifest("ds").splits == {"train": 8, "val": 8}
     assert cat.read_split("ds", "train").equals(train_before)
     assert sorted(cat.manifest("ds").info["imports"]) == ["train", "val"]
@@ -289,8 +302,12 @@ def test_job_imports_prints_the_report_and_logs_to_mlflow(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "Import report for dataset 'quirky'" in out and "toothbrush" in out
-    assert json.loads((tmp_path / "report.json").read_text())["splits"]["val"]["images"] == 8
-    assert Catalog(tmp_path / "cat").manifest("quirky").splits == {"val": 8}
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["splits"]["val"]["images"] == 8
+    # a val-only dataset: test is held out from val (default --test-fraction 0.2)
+    splits = Catalog(tmp_path / "cat").manifest("quirky").splits
+    assert set(splits) == {"val", "test"} and sum(splits.values()) == 8 and splits["test"] >= 1
+    assert report["holdouts"]["test"]["from"] == "val" and "held out 'test' from 'val'" in out
 
     import mlflow
 

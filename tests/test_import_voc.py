@@ -89,9 +89,9 @@ def test_bccd_boxes_are_zero_based(bccd):
 @needs_bccd
 def test_bccd_into_one_split_or_a_custom_map(tmp_path):
     cat = Catalog(tmp_path)
-    rep = import_voc(cat, "all", BCCD, split="train")
+    rep = import_voc(cat, "all", BCCD, split="train", test_fraction=0, val_fraction=0)
     assert cat.manifest("all").splits == {"train": 364}
-    rep = import_voc(cat, "tv", BCCD, split_map="trainval=train,test=test")
+    rep = import_voc(cat, "tv", BCCD, split_map="trainval=train,test=test", val_fraction=0)
     assert cat.manifest("tv").splits == {"train": len(_image_set("trainval")),
                                          "test": len(_image_set("test"))}
     assert rep.unassigned_images == 0
@@ -102,8 +102,8 @@ def test_bccd_into_one_split_or_a_custom_map(tmp_path):
 def _write_voc(root: Path, items: dict[str, list[tuple]], size=(50, 40), sets=None):
     (root / "Annotations").mkdir(parents=True)
     (root / "JPEGImages").mkdir()
-    for stem, objects in items.items():
-        Image.new("RGB", size, (120, 120, 120)).save(root / "JPEGImages" / f"{stem}.jpg")
+    for k, (stem, objects) in enumerate(items.items()):  # distinct pixels: distinct images
+        Image.new("RGB", size, (120, 20 * k % 256, 120)).save(root / "JPEGImages" / f"{stem}.jpg")
         objs = "".join(
             f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin>"
             f"<ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
@@ -124,7 +124,7 @@ def test_voc_conventions(tmp_path):
         "000009": [("cat", (2, 2, 10, 10), 0)],
     }, sets={"train": ["000005", "000007"], "val": ["000009"]})
     cat = Catalog(tmp_path / "cat")
-    report = import_voc(cat, "voc", tmp_path / "VOCdevkit")
+    report = import_voc(cat, "voc", tmp_path / "VOCdevkit", test_fraction=0)  # as listed
     m = cat.manifest("voc")
     assert [(c.id, c.name) for c in m.categories] == [(1, "bird"), (2, "cat"), (3, "dog")]
     assert m.splits == {"train": 2, "val": 1}

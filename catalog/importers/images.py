@@ -13,7 +13,9 @@ Every image that enters the catalog is
 3. converted to 8-bit RGB (grayscale, 16-bit grayscale, CMYK, palette, RGBA/LA, YCbCr ...);
 4. stored as bytes: unchanged when the file already is an upright RGB JPEG or PNG (no
    generational loss, no cost), otherwise re-encoded as JPEG quality 95 when the source was a
-   JPEG and as PNG for every other source format.
+   JPEG and as PNG for every other source format;
+5. given a content hash of the stored image's pixels (:mod:`catalog.content_hash`), which the
+   import uses to find the same image in two splits whatever its file names.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from catalog.content_hash import image_bytes_sha256, image_sha256
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -65,6 +69,7 @@ class NormalizedImage:
     raw_size: tuple[int, int]  # (width, height) as stored in the file, before EXIF transpose
     conversions: tuple[str, ...] = ()  # subset of validation.CONVERSIONS
     reencoded: bool = False
+    content_sha256: str = ""  # catalog.content_hash of the stored image
 
 
 class ImageDecodeError(Exception):
@@ -119,14 +124,20 @@ def normalize_image(path: str | os.PathLike) -> NormalizedImage:
             if conv:
                 conversions.append(conv)
             if not conversions and fmt in ("JPEG", "PNG") and getattr(img, "n_frames", 1) == 1:
-                return NormalizedImage(path.read_bytes(), out.width, out.height, raw_size)
+                # stored as it came: the pixels just decoded are the stored image's
+                return NormalizedImage(path.read_bytes(), out.width, out.height, raw_size,
+                                       content_sha256=image_sha256(out))
             buf = io.BytesIO()
             if fmt in ("JPEG", "MPO"):
                 out.save(buf, format="JPEG", quality=JPEG_QUALITY)
+                data = buf.getvalue()
+                digest = image_bytes_sha256(data)  # lossy: hash what is stored
             else:
                 out.save(buf, format="PNG")
-            return NormalizedImage(buf.getvalue(), out.width, out.height, raw_size,
-                                   tuple(conversions), reencoded=True)
+                data = buf.getvalue()
+                digest = image_sha256(out)  # lossless: the stored pixels are these
+            return NormalizedImage(data, out.width, out.height, raw_size,
+                                   tuple(conversions), reencoded=True, content_sha256=digest)
     except FileNotFoundError:
         raise ImageDecodeError(path, "file not found") from None
     except UnidentifiedImageError:
