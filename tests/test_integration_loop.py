@@ -26,9 +26,11 @@ MODEL = "loop-detector"
 pytestmark = pytest.mark.integration
 
 
-def submit(job_address: str, args: list[str], timeout: int = 900) -> str:
+def submit(job_address: str, args: list[str], timeout: int = 900, env: dict | None = None,
+           expect_ok: bool = True) -> str:
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": env})] if env else []
     cmd = [str(BIN / "ray"), "job", "submit", "--address", job_address, "--working-dir", str(ROOT),
-           "--", sys.executable, *args]
+           *runtime_env, "--", sys.executable, *args]
     deadline = time.time() + 180
     while True:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -37,8 +39,15 @@ def submit(job_address: str, args: list[str], timeout: int = 900) -> str:
         if proc.returncode == 0 or "No available agent" not in out or time.time() > deadline:
             break
         time.sleep(3)
-    assert proc.returncode == 0, f"job failed: {' '.join(args)}\n{out[-6000:]}"
+    if expect_ok:
+        assert proc.returncode == 0, f"job failed: {' '.join(args)}\n{out[-6000:]}"
+    else:
+        assert proc.returncode != 0, f"job should have failed: {' '.join(args)}\n{out[-6000:]}"
     return out
+
+
+# what test_whole_loop leaves for the tests after it: the endpoint and the common flags
+STATE: dict = {}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +117,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
         "model_name": MODEL, "tracking_uri": mlflow_uri, "poll_interval_s": 1.0,
         "score_threshold": 0.0}).bind(), name="loop", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+    STATE.update(url=url, common=common, novel=list(split.novel))
     assert requests.get(f"{url}/healthz", timeout=10).json()["model"]["version"] == 1
     image = tiny_catalog.read_split("synthworld", "test").slice(0, 1).column("image")[0].as_py()
     first = requests.post(f"{url}/v1/detect", data=image, timeout=60).json()
@@ -187,3 +197,83 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     assert "incomplete" not in v2.tags  # the promotion actor removed it with the alias move
     mv = client.get_model_version(MODEL, "2")
     assert mv.description.startswith("Adds ") and "Gate passed on 8 val images" in mv.description
+
+
+def _served_version(url: str) -> int:
+    return requests.get(f"{url}/healthz", timeout=10).json()["model"]["version"]
+
+
+def _wait_served(url: str, version: int, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and _served_version(url) != version:
+        time.sleep(0.5)
+    assert _served_version(url) == version
+
+
+def _add(cluster, classes, **kw) -> list[str]:
+    return ["jobs/add_classes.py", "--classes", classes, "--shots", "2", "--steps", "4", "--batch-size", "4",
+            "--max-base-drop", "1.0", "--max-detector-drop", "1.0", "--cpus-per-worker", "1",
+            "--max-val-images", "6", *STATE["common"]]
+
+
+def test_two_jobs_at_once_lose_no_class(cluster, mlflow_uri):
+    """Two add_classes jobs started together on the same champion: one is promoted, the other
+    stays a candidate that says why, and the champion still serves every class it served."""
+    url, (a, b) = STATE["url"], STATE["novel"][2:4]
+    parent = registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION)
+    outs = {}
+    jobs = [threading.Thread(target=lambda c=c: outs.__setitem__(c, submit(cluster, _add(cluster, c))))
+            for c in (a, b)]
+    for t in jobs:
+        t.start()
+    for t in jobs:
+        t.join(timeout=900)
+    assert set(outs) == {a, b}
+    new = [v for v in registry.list_versions(mlflow_uri, MODEL) if v.parent_version == parent.version
+           and v.tags.get("new_classes") in (a, b)]
+    assert len(new) == 2
+    promoted = [v for v in new if "champion" in v.aliases]
+    assert len(promoted) == 1, [(v.version, v.aliases, v.tags.get("promotion_reason")) for v in new]
+    other = next(v for v in new if v is not promoted[0])
+    assert other.tags["promotion"] == "candidate" and "champion moved to" in other.tags["promotion_reason"]
+    assert "NOT promoted: champion moved" in outs[other.tags["new_classes"]]
+    _wait_served(url, promoted[0].version)
+    served = requests.get(f"{url}/v1/classes", timeout=10).json()["classes"]
+    assert set(parent.classes) <= set(served) and promoted[0].tags["new_classes"] in served
+
+
+@pytest.mark.parametrize("point", ["after_finetune", "after_register"])
+def test_a_job_killed_half_way_changes_nothing(point, cluster, mlflow_uri, tiny_catalog):
+    url = STATE["url"]
+    champion = registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION)
+    served = requests.get(f"{url}/v1/classes", timeout=10).json()
+    missing = [c for c in STATE["novel"] if c not in champion.classes][:1] or ["hexagon"]
+    before_versions = {v.version for v in registry.list_versions(mlflow_uri, MODEL)}
+    class_sets = sorted(p.name for p in (tiny_catalog.root / "class_sets").glob("*.json"))
+    out = submit(cluster, _add(cluster, missing[0]), env={"FEWSHOT_KILL_AT": point}, expect_ok=False)
+    assert f"FEWSHOT_KILL_AT={point}: killing this job now" in out
+    assert registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION).version == champion.version
+    assert registry.get_alias(mlflow_uri, MODEL, registry.CANDIDATE) is None or \
+        registry.get_alias(mlflow_uri, MODEL, registry.CANDIDATE).version in before_versions
+    assert sorted(p.name for p in (tiny_catalog.root / "class_sets").glob("*.json")) == class_sets
+    time.sleep(2)  # more than the replica's poll interval
+    assert requests.get(f"{url}/v1/classes", timeout=10).json() == served
+    added = [v for v in registry.list_versions(mlflow_uri, MODEL) if v.version not in before_versions]
+    if point == "after_finetune":
+        assert added == []
+    else:  # registered, never promoted: tagged unfinished, no alias names it
+        assert len(added) == 1 and added[0].tags["incomplete"] == "true" and added[0].aliases == []
+
+
+def test_rollback_puts_the_parent_back_in_service(cluster, mlflow_uri, tiny_catalog):
+    url = STATE["url"]
+    champion = registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION)
+    out = submit(cluster, ["jobs/promote.py", "--rollback", "--reason", "integration test rollback",
+                           "--catalog", str(tiny_catalog.root), "--mlflow-uri", mlflow_uri, "--model-name", MODEL])
+    assert f"champion v{champion.version} -> v{champion.parent_version}" in out
+    _wait_served(url, champion.parent_version, timeout=30)  # the replica polls every second
+    body = requests.post(f"{url}/v1/detect", data=tiny_catalog.read_split("synthworld", "test").slice(0, 1)
+                         .column("image")[0].as_py(), timeout=30).json()
+    assert body["model"]["version"] == champion.parent_version
+    parent = registry.get_version(mlflow_uri, MODEL, champion.parent_version)
+    assert parent.tags["promotion_kind"] == "rollback" and "integration test rollback" in parent.tags["promotion_reason"]

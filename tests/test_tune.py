@@ -172,8 +172,10 @@ def test_load_config_errors(tiny_catalog, mlflow_uri, champion, tmp_path):
         normalize_config({"lr": 1e-3}, require_all=True)
 
 
-def test_job_constants():
+def test_job_refuses_bad_options_before_starting_anything():
     job = load_job("tune")
-    assert job.EXPERIMENT == tuning.EXPERIMENT and tuple(job.METRICS) == tuning.METRICS
-    assert job.main(["--base", "--mlflow-uri", "http://127.0.0.1:1"]) == 2
+    assert job.main(["--num-workers", "2", "--mlflow-uri", "http://127.0.0.1:1"]) == 2
+    assert job.main(["--eval-every", "50", "--max-steps", "10", "--mlflow-uri", "http://127.0.0.1:1"]) == 2
     assert space.step_choices(150, 25) == [50, 75, 100, 150]
+    assert tuning.default_config() == {"balancer": None, "balancer_momentum": 0.9, "distill_beta": 0.0,
+                                       "lr": AddClassesOptions().train.lr, "steps": AddClassesOptions().train.steps}

@@ -130,14 +130,6 @@ def coco_evaluate(
     )
 
 
-def default_eval_split(manifest) -> str:
-    """The split reports use: "test" when the dataset has one, else "val" (e.g. COCO)."""
-    for split in ("test", "val"):
-        if manifest.splits.get(split):
-            return split
-    raise ValueError(f"dataset {manifest.name!r} has neither a test nor a val split to evaluate on")
-
-
 @dataclass
 class EvalSplit:
     """A catalog split ready to score: its rows, its ground truth as a COCO dict, and which

@@ -38,6 +38,7 @@ import pyarrow as pa
 from catalog import IMAGE_SCHEMA, Catalog, DatasetManifest
 from catalog.class_sets import ClassSet, ClassSetNotFound, extend, load_class_set, save_class_set
 from catalog.kshot import count_instances, sample_support
+from catalog.overlap import SharedImagesError, assert_disjoint
 from catalog.schema import TEACHER_EMB_COLUMN
 from fewshot.backends import promotion, ray_train, registry, tracking
 from fewshot.backends.cluster import ClusterOptions, ensure_ray
@@ -47,6 +48,7 @@ from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodConfig, MethodOptions, TeacherEmbedder
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, load_eval_split
 from fewshot.model.checkpoint import DetectorCheckpoint, load_checkpoint, save_checkpoint
+from fewshot.workflows.faults import kill_point
 from fewshot.workflows.gate import GateFigures, GateRule, describe_version
 from fewshot.workflows.options import Flat, NameList, StoreOptions
 
@@ -278,20 +280,6 @@ def validate(opts: AddClassesOptions) -> Plan:
                 val=val, test=test, work=work)
 
 
-def _support_overlap(rows: list[dict], *splits: EvalSplit | None) -> list[int]:
-    """Image ids of support rows that are also evaluation images (by content when the
-    catalog stores a content hash, else by id)."""
-    def keys(row):
-        return row.get("content_sha256") or ("id", int(row["image_id"]))
-
-    support = {keys(r): int(r["image_id"]) for r in rows}
-    shared = set()
-    for split in splits:
-        if split is not None:
-            shared |= {support[keys(r)] for r in split.rows if keys(r) in support}
-    return sorted(shared)
-
-
 @dataclass
 class _Scores:
     served: EvalReport
@@ -330,11 +318,14 @@ def _run(plan: Plan) -> AddClassesResult:
 
     novel_rows, replay_rows = sample_support(plan.train_table, plan.new_ids, plan.old_ids, opts.shots,
                                              opts.seed, replay=opts.replay)
-    shared = _support_overlap(novel_rows + replay_rows, plan.val, plan.test)
-    if shared:
-        raise AddClassesError(f"support images {shared[:10]} are also val/test images of {plan.dataset!r}: "
-                              "refusing to evaluate on the images the shots came from (re-import the "
-                              "dataset; the importer removes images shared across splits)")
+    for split, name in ((plan.val, "val"), (plan.test, "test")):
+        if split is not None:
+            try:
+                assert_disjoint(novel_rows + replay_rows, split.rows, support_name="support",
+                                eval_name=f"{plan.dataset}/{name}")
+            except SharedImagesError as err:
+                raise AddClassesError(f"{err} (re-import the dataset: the importer keeps every image in "
+                                      "one split only)") from None
     episode = Episode(parent=parent_ckpt, dataset=plan.dataset, new_classes=plan.new_classes,
                       new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
                       novel_rows=novel_rows, replay_rows=replay_rows)
@@ -379,6 +370,7 @@ def _run(plan: Plan) -> AddClassesResult:
               f"distill beta={method.distill_beta:g}) ...", flush=True)
         final = ray_train.fit(spec, dataset, opts.cluster, out_dir=plan.work / "child",
                               name=f"add-{run.info.run_id[:8]}")
+        kill_point("after_finetune")
         child_ckpt = load_checkpoint(final)
         child_val_results = predict(child_ckpt, plan.val)
         refiner = None
@@ -444,6 +436,7 @@ def _run(plan: Plan) -> AddClassesResult:
                         promotion.INCOMPLETE_TAG: "true",
                         **method_tags, **refine_tags, **report_tags, **tracking.eval_tags(reported)},
         )
+        kill_point("after_register")
         decision = promotion.promote(store.mlflow_uri, store.model_name, version.version,
                                      expected_champion=plan.parent.version, want_champion=passed,
                                      reason=reason)
