@@ -229,8 +229,8 @@ def test_two_jobs_at_once_lose_no_class(cluster, mlflow_uri):
     for t in jobs:
         t.join(timeout=900)
     assert set(outs) == {a, b}
-    new = [v for v in registry.list_versions(mlflow_uri, MODEL) if v.parent_version == parent.version
-           and v.tags.get("new_classes") in (a, b)]
+    new = [registry.get_version(mlflow_uri, MODEL, v.version) for v in registry.list_versions(mlflow_uri, MODEL)
+           if v.parent_version == parent.version and v.tags.get("new_classes") in (a, b)]
     assert len(new) == 2
     promoted = [v for v in new if "champion" in v.aliases]
     assert len(promoted) == 1, [(v.version, v.aliases, v.tags.get("promotion_reason")) for v in new]
@@ -258,7 +258,8 @@ def test_a_job_killed_half_way_changes_nothing(point, cluster, mlflow_uri, tiny_
     assert sorted(p.name for p in (tiny_catalog.root / "class_sets").glob("*.json")) == class_sets
     time.sleep(2)  # more than the replica's poll interval
     assert requests.get(f"{url}/v1/classes", timeout=10).json() == served
-    added = [v for v in registry.list_versions(mlflow_uri, MODEL) if v.version not in before_versions]
+    added = [registry.get_version(mlflow_uri, MODEL, v.version) for v in registry.list_versions(mlflow_uri, MODEL)
+             if v.version not in before_versions]
     if point == "after_finetune":
         assert added == []
     else:  # registered, never promoted: tagged unfinished, no alias names it

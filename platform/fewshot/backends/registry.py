@@ -84,6 +84,8 @@ def get_alias(uri: str | None, name: str, alias: str = CHAMPION) -> VersionInfo 
 
 
 def list_versions(uri: str | None, name: str) -> list[VersionInfo]:
+    """Every version, oldest first. MLflow's search leaves ``aliases`` empty: read one version
+    with :func:`get_version` (or an alias with :func:`get_alias`) when they matter."""
     versions = client(uri).search_model_versions(f"name='{name}'")
     return sorted((_info(v) for v in versions), key=lambda v: v.version)
 
