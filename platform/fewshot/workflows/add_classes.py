@@ -136,7 +136,7 @@ class AddClassesResult:
     child: dict                   # reported figures (test, else val), as served
 
 
-def apply_tuned_config(opts: AddClassesOptions, catalog_uri: str) -> tuple[AddClassesOptions, str]:
+def apply_tuned_config(opts: AddClassesOptions, mlflow_uri: str) -> tuple[AddClassesOptions, str]:
     """``opts`` with the tuned values of ``opts.tuned_config`` applied; ``(opts, source)``.
 
     A config stored by ``jobs/tune.py`` (``best``) also brings the freezing policy its trials
@@ -146,10 +146,10 @@ def apply_tuned_config(opts: AddClassesOptions, catalog_uri: str) -> tuple[AddCl
     from fewshot.backends.tuned_configs import apply_to, load_best_record, load_config
 
     try:
-        cfg, source = load_config(opts.tuned_config, catalog_uri, opts.store.model_name)
+        cfg, source = load_config(opts.tuned_config, mlflow_uri, opts.store.model_name)
         freeze = opts.method.freeze
         if opts.tuned_config.strip() == "best":
-            tuned_for = load_best_record(catalog_uri, opts.store.model_name).get("tuned_for", {})
+            tuned_for = load_best_record(mlflow_uri, opts.store.model_name).get("tuned_for", {})
             freeze = tuned_for.get("freeze", freeze)
     except ValueError as err:
         raise AddClassesError(f"--tuned-config {opts.tuned_config}: {err}") from None
