@@ -30,7 +30,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from catalog.importers.coco import parse_coco
 from catalog.importers.images import (
@@ -127,7 +126,7 @@ def _plan(catalog: Catalog, name: str, source: SourceDataset, overwrite: bool
     """The manifest to write and the existing splits to carry over (split -> images)."""
     categories = list(source.categories)
     if not catalog.has_dataset(name):
-        if catalog.dataset_dir(name).exists() and not overwrite:
+        if catalog.occupied(name) and not overwrite:
             raise DatasetImportError(
                 f"{catalog.dataset_dir(name)} exists but holds no dataset manifest; "
                 "remove it or pass overwrite (--overwrite)"
@@ -135,8 +134,7 @@ def _plan(catalog: Catalog, name: str, source: SourceDataset, overwrite: bool
         return DatasetManifest(name=name, categories=categories, source=source.format,
                                info={}), {}
     existing = catalog.manifest(name)
-    present = {s: n for s, n in existing.splits.items()
-               if catalog.split_path(name, s).is_file()}
+    present = {s: n for s, n in existing.splits.items() if catalog.has_split(name, s)}
     clash = sorted(set(source.splits) & set(present))
     if clash and not overwrite:
         raise SplitExistsError(
@@ -196,16 +194,17 @@ def write_source(
                           **source.info.get(split, {})}
     manifest.info["imports"] = imports
 
-    datasets_dir = catalog.root / "datasets"
-    created = [p for p in (catalog.root, datasets_dir) if not p.exists()]
+    # on local disk, folders this import creates are removed again if it fails
+    created = [p for p in (catalog.root, catalog.root / "datasets") if not p.exists()] \
+        if catalog.local else []
     bad: list[str] = []
     bad_files: list[str] = []
     mismatched: list[str] = []
     rotated_mismatch: list[str] = []
     try:
-        with catalog.writer(manifest, overwrite=catalog.dataset_dir(name).exists()) as w:
+        with catalog.writer(manifest, overwrite=catalog.occupied(name)) as w:
             for split in kept:
-                pf = pq.ParquetFile(catalog.split_path(name, split))
+                pf = catalog.open_split(name, split)
                 for batch in pf.iter_batches(batch_size=256):
                     w.write_table(split, pa.Table.from_batches([batch]))
             for split, imgs in source.splits.items():
