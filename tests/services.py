@@ -1,4 +1,5 @@
-"""Real services for tests: an MLflow tracking server and a local Ray cluster, on 127.0.0.1.
+"""Real services for tests: an MLflow tracking server, an S3 server (moto) and local Ray
+clusters, on 127.0.0.1.
 
 Each is started by the fixture that needs it and stopped by that fixture when it is done.
 """
@@ -55,6 +56,67 @@ def mlflow_server(state: Path):
     try:
         wait_http(f"{uri}/health", 300, proc, log)  # a loaded 2-core machine can take minutes
         yield uri
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+class S3:
+    """A running S3 server (moto) with one bucket: where it is and how to reach it."""
+
+    def __init__(self, endpoint: str, bucket: str):
+        self.endpoint = endpoint
+        self.bucket = bucket
+        # the standard AWS variables: what a user exports for MinIO or AWS
+        self.env = {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def client(self):
+        """A real boto3 S3 client for this server."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Object keys under ``prefix``, without the empty ``folder/`` markers pyarrow
+        leaves so that a folder survives its last file being moved away."""
+        out, token = [], None
+        c = self.client()
+        while True:
+            kw = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kw["ContinuationToken"] = token
+            page = c.list_objects_v2(**kw)
+            out += [o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+            if not page.get("IsTruncated"):
+                return sorted(out)
+            token = page["NextContinuationToken"]
+
+
+@contextmanager
+def s3_server(state: Path, bucket: str = "fewshot-test"):
+    """A moto S3 server process on 127.0.0.1 (a free port) with ``bucket`` created."""
+    port = free_port()
+    state.mkdir(parents=True, exist_ok=True)
+    log = state / "moto.log"
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    s3 = S3(f"http://127.0.0.1:{port}", bucket)
+    try:
+        wait_http(f"{s3.endpoint}/moto-api/", 120, proc, log)
+        s3.client().create_bucket(Bucket=bucket)
+        yield s3
     finally:
         os.killpg(proc.pid, 15)
         try:
