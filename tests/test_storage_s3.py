@@ -239,8 +239,29 @@ def test_coco_import_into_s3_and_add_a_split(s3, tmp_path):
     assert len(body["images"]) == val.num_rows
 
 
+@pytest.fixture(scope="module")
+def ray_with_aws_env(s3_service):
+    """A local Ray cluster whose processes have the AWS variables, as every node of a real
+    cluster does (pod env, instance role): the filesystem the catalog hands to Ray carries
+    the endpoint and region, never the credentials."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in s3_service.env}
+    os.environ.update(s3_service.env)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.mark.integration
-def test_ray_data_reads_a_split_from_the_s3_uri(s3, local_world):
+def test_ray_data_reads_a_split_from_the_s3_uri(s3, local_world, ray_with_aws_env):
     """Ray Data on a local Ray cluster reads the split from its s3:// URI in worker
     processes, with the (uri, filesystem) pair the catalog hands out."""
     import ray
@@ -250,9 +271,8 @@ def test_ray_data_reads_a_split_from_the_s3_uri(s3, local_world):
     src = cat.split_source("w", "train")
     uri, fs = src
     assert uri.startswith(f"s3://{s3.bucket}/cat-ray/datasets/w/g-") and uri.endswith("/train.parquet")
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        ds = ray.data.read_parquet(uri, filesystem=fs)
+    ds = ray.data.read_parquet(uri, filesystem=fs)
+    if True:
 
         rows = ds.map_batches(lambda b: {"image_id": b["image_id"], "n_boxes":
                                          np.asarray([len(x) for x in b["boxes"]]),
@@ -263,7 +283,45 @@ def test_ray_data_reads_a_split_from_the_s3_uri(s3, local_world):
         assert sorted(r["image_id"] for r in rows) == sorted(_ids(local))
         want = {i: len(b) for i, b in zip(_ids(local), local.column("boxes").to_pylist())}
         assert {r["image_id"]: r["n_boxes"] for r in rows} == want
-    finally:
-        ray.shutdown()
     # and pyarrow alone, with the same pair
     assert pq.read_table(src.path, filesystem=fs).num_rows == 12
+
+
+@pytest.mark.integration
+def test_ray_train_checkpoints_into_s3_storage(s3, ray_with_aws_env):
+    """Ray Train's storage on the object store: RunConfig(storage_path, storage_filesystem)
+    from catalog.storage.resolve_uri; checkpoints land in the bucket and read back."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from catalog.storage import resolve_uri
+
+    def train_loop(config):  # defined here: pickled by value to the workers
+        import tempfile
+
+        import ray.train
+        from ray.train import Checkpoint
+
+        start = ray.train.get_checkpoint()
+        assert start is None
+        for step in (1, 2):
+            with tempfile.TemporaryDirectory() as d:
+                with open(os.path.join(d, "state.json"), "w") as f:
+                    json.dump({"step": step, "pid": os.getpid()}, f)
+                ray.train.report({"step": step}, checkpoint=Checkpoint.from_directory(d))
+
+    fs, path = resolve_uri(s3.uri("ray-results"))
+    assert path == f"{s3.bucket}/ray-results"
+    trainer = TorchTrainer(
+        train_loop, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="s3-run", storage_path=path, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    result = trainer.fit()
+    assert result.error is None
+    assert result.checkpoint.path.startswith(f"{s3.bucket}/ray-results/s3-run/")
+    keys = s3.keys("ray-results/s3-run/")
+    states = [k for k in keys if k.endswith("/state.json")]
+    assert len(states) == 1  # num_to_keep=1: the first checkpoint was deleted from S3
+    with result.checkpoint.as_directory() as d:
+        state = json.load(open(os.path.join(d, "state.json")))
+    assert state["step"] == 2 and state["pid"] != os.getpid()
