@@ -44,16 +44,18 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
 
 
 @contextmanager
-def mlflow_server(state: Path):
-    """``mlflow server`` with a sqlite backend store and a local artifact store."""
+def mlflow_server(state: Path, artifacts: str | None = None, env: dict | None = None):
+    """``mlflow server`` with a sqlite backend store and a local artifact store (or
+    ``artifacts``, e.g. ``s3://bucket/mlflow`` with the AWS variables in ``env``)."""
     port = free_port()
     state.mkdir(parents=True, exist_ok=True)
     log = state / "mlflow.log"
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
-         "--artifacts-destination", str(state / "artifacts")],
+         "--artifacts-destination", artifacts or str(state / "artifacts")],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     uri = f"http://127.0.0.1:{port}"
     try:

@@ -325,3 +325,28 @@ def test_ray_train_checkpoints_into_s3_storage(s3, ray_with_aws_env):
     with result.checkpoint.as_directory() as d:
         state = json.load(open(os.path.join(d, "state.json")))
     assert state["step"] == 2 and state["pid"] != os.getpid()
+
+
+@pytest.mark.integration
+def test_mlflow_artifacts_on_the_same_object_storage(s3_service, tmp_path, monkeypatch):
+    """The MLflow recipe's layout: the server proxies artifacts into the S3 bucket (boto3
+    reading AWS_ENDPOINT_URL); the client needs no S3 access at all."""
+    import mlflow
+
+    from services import mlflow_server
+
+    for k in s3_service.env:  # the client has no AWS settings: everything goes via the server
+        monkeypatch.delenv(k, raising=False)
+    with mlflow_server(tmp_path / "mlflow", artifacts=s3_service.uri("mlflow"),
+                       env=s3_service.env) as uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("s3-artifacts")
+        (tmp_path / "weights.txt").write_text("detector weights")
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(tmp_path / "weights.txt"), artifact_path="model")
+        keys = s3_service.keys("mlflow/")
+        assert [k for k in keys if k.endswith(f"/{run.info.run_id}/artifacts/model/weights.txt")]
+        back = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                   artifact_path="model/weights.txt",
+                                                   dst_path=str(tmp_path / "back"))
+        assert open(back).read() == "detector weights"
