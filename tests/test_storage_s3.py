@@ -193,6 +193,29 @@ def test_overwrites_keep_one_previous_generation_and_collect_the_rest(s3, local_
     assert present == set(gens[-2:])  # current + previous; the first and the orphan are gone
 
 
+def test_a_local_catalog_synced_to_s3_reads_as_is_and_upgrades_on_write(s3, local_world):
+    """``aws s3 sync <local catalog> s3://...`` is a migration path: the flat local layout
+    reads from S3; the first write publishes a generation and the flat files go one write
+    later (a reader of the old manifest can still finish)."""
+    client = s3.client()
+    root = local_world.root
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), s3.bucket, f"cat-sync/{f.relative_to(root).as_posix()}")
+    cat = Catalog(s3.uri("cat-sync"))
+    assert cat.list_datasets() == ["w"]
+    assert cat.dataset_dir("w") == s3.uri("cat-sync", "datasets", "w")
+    for split in ("train", "val", "test"):
+        assert cat.read_split("w", split).equals(local_world.read_split("w", split))
+    flat = {f"cat-sync/datasets/w/{s}.parquet" for s in ("train", "val", "test")}
+    build_world(cat, "w", **dict(SIZES, n_val=5), overwrite=True)
+    assert cat.read_split("w", "val").num_rows == 5
+    assert flat <= set(s3.keys("cat-sync/"))  # the previous data, kept one more write
+    build_world(cat, "w", **dict(SIZES, n_val=6), overwrite=True)
+    assert not flat & set(s3.keys("cat-sync/"))
+    assert cat.read_split("w", "val").num_rows == 6
+
+
 def test_teacher_cache_on_s3(s3):
     cat = Catalog(s3.uri("cat-teacher"))
     build_world(cat, "w", **SIZES)
