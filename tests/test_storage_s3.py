@@ -126,6 +126,7 @@ KILLED_WRITER = r"""
 import sys, time
 import numpy as np
 from catalog import Catalog
+from catalog.store import DatasetWriter
 cat = Catalog(sys.argv[1])
 manifest = cat.manifest("w")
 row = cat.read_split("w", "train").slice(0, 1).to_pylist()[0]
@@ -164,7 +165,8 @@ def test_writer_killed_midway_leaves_the_previous_dataset(s3, tmp_path):
         assert cat.dataset_dir("w") == old_dir
         assert cat.read_split("w", "val").equals(before["val"])
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert cat.list_datasets() == ["w"]
     assert cat.dataset_dir("w") == old_dir
@@ -358,8 +360,14 @@ def test_mlflow_artifacts_on_the_same_object_storage(s3_service, tmp_path, monke
 
     from services import mlflow_server
 
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
     for k in s3_service.env:  # the client has no AWS settings: everything goes via the server
         monkeypatch.delenv(k, raising=False)
+    # set_tracking_uri exports MLFLOW_TRACKING_URI: restore it (and mlflow's global) after,
+    # so later tests and their subprocesses do not call this test's stopped server
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
     with mlflow_server(tmp_path / "mlflow", artifacts=s3_service.uri("mlflow"),
                        env=s3_service.env) as uri:
         mlflow.set_tracking_uri(uri)
