@@ -366,7 +366,8 @@ def test_mlflow_artifacts_on_the_same_object_storage(s3_service, tmp_path, monke
         monkeypatch.delenv(k, raising=False)
     # set_tracking_uri exports MLFLOW_TRACKING_URI: restore it (and mlflow's global) after,
     # so later tests and their subprocesses do not call this test's stopped server
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # recorded: restored (or removed) after
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
     with mlflow_server(tmp_path / "mlflow", artifacts=s3_service.uri("mlflow"),
                        env=s3_service.env) as uri:
