@@ -6,14 +6,14 @@ child made with :func:`extend` keeps its parent's rows and appends new ones. Its
 derived from (dataset, classes) only (``cs-<sha1[:10]>``), so the same list always gets
 the same id on every machine, whatever its parent.
 
-Stored as JSON under ``<catalog.root>/class_sets/<id>.json``.
+Stored as JSON under ``<catalog.root>/class_sets/<id>.json`` (local disk or object storage,
+through the catalog's :class:`~catalog.storage.Storage`; each file is written whole).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -135,44 +135,48 @@ def split_class_set(manifest, split: str, part: str = "base") -> ClassSet:
     return make_class_set(manifest.name, classes)
 
 
-def _dir(catalog) -> Path:
-    return Path(catalog.root) / "class_sets"
+def _dir(catalog) -> str:
+    return catalog.storage.path("class_sets")
 
 
-def save_class_set(catalog, cs: ClassSet) -> Path:
-    """Write ``cs`` (atomically) to the catalog and return its path.
+def _key(catalog, id: str) -> str:
+    return posixpath.join(_dir(catalog), f"{id}.json")
+
+
+def save_class_set(catalog, cs: ClassSet) -> Path | str:
+    """Write ``cs`` (atomically) to the catalog and return where it is (a Path on local
+    disk, a URI on object storage).
 
     The id names the ordered class list, so a set already stored under the id is kept as
     is: saving again is a no-op, even when the same list was reached through another
     parent (the first lineage recorded wins; model versions carry their own parent tag).
     """
-    path = _dir(catalog) / f"{cs.id}.json"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{cs.id}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(cs.to_json(), indent=2))
-    os.replace(tmp, path)
-    return path
+    st = catalog.storage
+    key = _key(catalog, cs.id)
+    if not st.is_file(key):
+        st.write_json(key, cs.to_json())
+    return st.location(key)
 
 
 def load_class_set(catalog, id: str) -> ClassSet:
-    path = _dir(catalog) / f"{id}.json"
-    if not path.is_file():
+    try:
+        data = catalog.storage.read_json(_key(catalog, id))
+    except FileNotFoundError:
         known = ", ".join(c.id for c in list_class_sets(catalog)) or "none"
-        raise ClassSetNotFound(f"class set {id!r} is not in the catalog at {catalog.root} "
-                               f"(known: {known})")
-    return ClassSet.from_json(json.loads(path.read_text()))
+        raise ClassSetNotFound(f"class set {id!r} is not in the catalog at {catalog.uri} "
+                               f"(known: {known})") from None
+    return ClassSet.from_json(data)
 
 
 def list_class_sets(catalog, dataset: str | None = None) -> list[ClassSet]:
     """All stored class sets (of ``dataset`` only, if given), sorted by id."""
-    d = _dir(catalog)
-    if not d.is_dir():
-        return []
+    st = catalog.storage
     out = []
-    for p in sorted(d.glob("cs-*.json")):
-        cs = ClassSet.from_json(json.loads(p.read_text()))
+    for info in st.list_dir(_dir(catalog)):
+        name = info.base_name
+        if not (name.startswith("cs-") and name.endswith(".json")) or not info.is_file:
+            continue
+        cs = ClassSet.from_json(st.read_json(info.path))
         if dataset is None or cs.dataset == dataset:
             out.append(cs)
     return out

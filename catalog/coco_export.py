@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.schema import DatasetManifest
+from catalog.storage import Storage, is_uri
 
 if TYPE_CHECKING:
     from catalog.store import Catalog
@@ -110,15 +111,19 @@ def export_coco(
     split: str,
     path: str | os.PathLike,
     category_names: Sequence[str] | None = None,
-) -> Path:
-    """Write ``split`` of ``dataset`` as a COCO json file at ``path``; returns the path."""
+) -> Path | str:
+    """Write ``split`` of ``dataset`` as a COCO json file at ``path`` (a local path or a
+    URI such as ``s3://bucket/key.json``, written whole); returns where it went."""
     manifest = catalog.manifest(dataset)
     table = catalog.read_split(dataset, split, columns=ANNOTATION_COLUMNS)
     coco = table_to_coco(table, manifest, category_names)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(coco, f)
-    os.replace(tmp, path)
-    return path
+    target = os.fspath(path)
+    if is_uri(target):
+        parent, name = target.rstrip("/").rsplit("/", 1)
+    else:
+        parent, name = os.path.split(os.path.abspath(target))
+    st = Storage.from_uri(parent)
+    key = st.path(name)
+    st.make_dirs(st.root)
+    st.write_bytes(key, json.dumps(coco).encode("utf-8"))
+    return Path(path) if st.local else st.uri(key)

@@ -10,9 +10,10 @@ one row per image of the split, in the split's order: ``image_id`` and ``embeddi
 (``list<list<float32>>``), one embedding per box of the row **in the row's box order, all
 boxes included** (crowd boxes and every category), so the data layer filters embeddings
 exactly as it filters boxes. The Parquet schema metadata records the teacher id, the
-embedding width. Files are written to a temporary name
-and renamed into place (readers never see a partial cache). Rebuilding the dataset
-replaces its folder, which removes its (stale) caches with it.
+embedding width. Files are written to a temporary name and moved into place (readers never
+see a partial cache), on local disk or object storage alike (:mod:`catalog.storage`).
+The cache lives in the dataset's data folder, so rebuilding the dataset (a new folder, or a
+new generation on object storage) leaves its stale caches behind with the old data.
 
 The catalog never imports the learning code: the builder takes any ``teacher`` object with
 ``id`` and ``embed_boxes(image_bytes, boxes) -> [n, E]`` (``fewshot.clip.teacher.Teacher`` is
@@ -22,14 +23,14 @@ one; its optional ``embed_boxes_many`` batches images), or a plain callable plus
 from __future__ import annotations
 
 import json
-import os
+import posixpath
 import re
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from catalog.schema import TEACHER_EMB_COLUMN
@@ -60,25 +61,43 @@ def _check_id(teacher_id: str) -> str:
     return teacher_id
 
 
-def cache_dir(catalog: Catalog, dataset: str, teacher_id: str) -> Path:
-    return catalog.dataset_dir(dataset) / "teacher" / _check_id(teacher_id)
+def _dir_key(catalog: Catalog, dataset: str, teacher_id: str) -> str:
+    return posixpath.join(catalog._data_dir(dataset), "teacher", _check_id(teacher_id))
 
 
-def cache_path(catalog: Catalog, dataset: str, split: str, teacher_id: str) -> Path:
-    return cache_dir(catalog, dataset, teacher_id) / f"{split}.parquet"
+def _key(catalog: Catalog, dataset: str, split: str, teacher_id: str) -> str:
+    return posixpath.join(_dir_key(catalog, dataset, teacher_id), f"{split}.parquet")
+
+
+def cache_dir(catalog: Catalog, dataset: str, teacher_id: str) -> Path | str:
+    """The teacher's cache folder (a Path on local disk, a URI on object storage)."""
+    return catalog.storage.location(_dir_key(catalog, dataset, teacher_id))
+
+
+def cache_path(catalog: Catalog, dataset: str, split: str, teacher_id: str) -> Path | str:
+    """The cache file of one split (a Path on local disk, a URI on object storage)."""
+    return catalog.storage.location(_key(catalog, dataset, split, teacher_id))
 
 
 def has_teacher_cache(catalog: Catalog, dataset: str, split: str, teacher_id: str) -> bool:
-    return cache_path(catalog, dataset, split, teacher_id).is_file()
+    return catalog.storage.is_file(_key(catalog, dataset, split, teacher_id))
 
 
 def list_teacher_caches(catalog: Catalog, dataset: str) -> dict[str, list[str]]:
     """teacher id -> splits cached for ``dataset``."""
-    base = catalog.dataset_dir(dataset) / "teacher"
-    if not base.is_dir():
-        return {}
-    return {d.name: sorted(p.stem for p in d.glob("*.parquet")) for d in sorted(base.iterdir())
-            if d.is_dir()}
+    st = catalog.storage
+    base = posixpath.join(catalog._data_dir(dataset), "teacher")
+    return {d.base_name: sorted(f.base_name[:-len(".parquet")] for f in st.list_dir(d.path)
+                                if f.is_file and f.base_name.endswith(".parquet")
+                                and not f.base_name.startswith("."))
+            for d in st.list_dir(base) if d.type == pafs.FileType.Directory}
+
+
+def _missing(catalog: Catalog, dataset: str, split: str, teacher_id: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no teacher cache for teacher {teacher_id!r} on {dataset}/{split} "
+        f"({cache_path(catalog, dataset, split, teacher_id)}); "
+        "build it with catalog.teacher_cache.build_teacher_cache")
 
 
 def _resolve(teacher, teacher_id: str | None) -> tuple[Callable, Callable | None, str]:
@@ -127,7 +146,7 @@ def build_teacher_cache(
     teacher_id: str | None = None,
     overwrite: bool = True,
     images_per_batch: int = 32,
-) -> Path:
+) -> Path | str:
     """Embed every box of ``dataset``/``split`` with ``teacher``; write the cache; return its path.
 
     ``teacher``: an object with ``id`` and ``embed_boxes(image_bytes, boxes)`` (and
@@ -136,9 +155,10 @@ def build_teacher_cache(
     With ``overwrite=False`` an existing cache is kept and its path returned.
     """
     embed_one, embed_many, tid = _resolve(teacher, teacher_id)
-    final = cache_path(catalog, dataset, split, tid)
-    if final.is_file() and not overwrite:
-        return final
+    st = catalog.storage
+    final = _key(catalog, dataset, split, tid)
+    if not overwrite and st.is_file(final):
+        return st.location(final)
     table = catalog.read_split(dataset, split, columns=["image_id", "image", "boxes"])
     bar = None
     if progress:
@@ -147,8 +167,8 @@ def build_teacher_cache(
         bar = progress_bar(table.num_rows, f"teacher cache {dataset}/{split}", "img")
     # stream row groups into a temporary file, published with one rename at the end; the
     # writer opens once the embedding width is known (it goes into the schema metadata)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    st.make_dirs(posixpath.dirname(final))
+    tmp = st.temp_name(final)
     writer: pq.ParquetWriter | None = None
     pending: list[tuple[list[int], list[np.ndarray]]] = []
     dim: int | None = None
@@ -156,7 +176,7 @@ def build_teacher_cache(
     def open_writer(width: int) -> pq.ParquetWriter:
         meta = {"teacher_id": tid, "dataset": dataset, "split": split, "dim": width}
         schema = CACHE_SCHEMA.with_metadata({_META_KEY: json.dumps(meta).encode()})
-        return pq.ParquetWriter(tmp, schema)
+        return pq.ParquetWriter(tmp, schema, filesystem=st.fs)
 
     try:
         for rows in _batches(table, images_per_batch):
@@ -194,22 +214,24 @@ def build_teacher_cache(
             writer.write_table(_chunk_table(*chunk, dim or 0))
         writer.close()
         writer = None
-        os.replace(tmp, final)
+        st.publish(tmp, final)
     finally:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
+        st.delete_file(tmp)  # gone already after publish; a failed build leaves nothing
         if bar is not None:
             bar.close()
-    return final
+    return st.location(final)
 
 
 def cache_info(catalog: Catalog, dataset: str, split: str, teacher_id: str) -> dict:
     """The metadata recorded with a cache (teacher id, dataset, split, dim, num_rows)."""
-    path = cache_path(catalog, dataset, split, teacher_id)
-    meta = pq.read_schema(path).metadata or {}
-    info = json.loads(meta.get(_META_KEY, b"{}"))
-    info["num_rows"] = pq.ParquetFile(path).metadata.num_rows
+    key = _key(catalog, dataset, split, teacher_id)
+    if not catalog.storage.is_file(key):
+        raise _missing(catalog, dataset, split, teacher_id)
+    pf = pq.ParquetFile(catalog.storage.open_input_file(key))
+    info = json.loads((pf.schema_arrow.metadata or {}).get(_META_KEY, b"{}"))
+    info["num_rows"] = pf.metadata.num_rows
     return info
 
 
@@ -219,12 +241,11 @@ def load_teacher_cache(catalog: Catalog, dataset: str, split: str, teacher_id: s
 
     ``verify`` checks the cache still matches the split (same images, same number of boxes
     per image) and raises :class:`TeacherCacheError` if the dataset changed since."""
-    path = cache_path(catalog, dataset, split, teacher_id)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no teacher cache for teacher {teacher_id!r} on {dataset}/{split} ({path}); "
-            "build it with catalog.teacher_cache.build_teacher_cache")
-    table = pq.read_table(path)
+    key = _key(catalog, dataset, split, teacher_id)
+    if not catalog.storage.is_file(key):
+        raise _missing(catalog, dataset, split, teacher_id)
+    path = catalog.storage.uri(key)
+    table = pq.read_table(key, filesystem=catalog.storage.fs)
     info = json.loads((table.schema.metadata or {}).get(_META_KEY, b"{}"))
     dim = int(info.get("dim") or 0)
     ids = table.column("image_id").to_numpy()
@@ -255,10 +276,11 @@ def join_teacher_embeddings(table: pa.Table, catalog: Catalog, dataset: str, spl
     """``table`` (rows of ``dataset``/``split``, any subset or order) with one more column,
     ``teacher_emb`` (``list<list<float32>>``, aligned with each row's ``boxes``; null for
     an image the cache does not have), ready to travel through Ray Data with the rows."""
-    path = cache_path(catalog, dataset, split, teacher_id)
-    if not path.is_file():
-        raise FileNotFoundError(f"no teacher cache for teacher {teacher_id!r} on {dataset}/{split} ({path})")
-    cache = pq.read_table(path)
+    key = _key(catalog, dataset, split, teacher_id)
+    if not catalog.storage.is_file(key):
+        raise _missing(catalog, dataset, split, teacher_id)
+    path = catalog.storage.uri(key)
+    cache = pq.read_table(key, filesystem=catalog.storage.fs)
     position = {int(i): k for k, i in enumerate(cache.column("image_id").to_numpy())}
     wanted = [position.get(int(i), -1) for i in table.column("image_id").to_numpy()]
     idx = pa.array([k if k >= 0 else None for k in wanted], pa.int64())

@@ -2,6 +2,8 @@
 # Everything binds to 127.0.0.1. Override any of these in the environment.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FEWSHOT_STATE="${FEWSHOT_STATE:-$ROOT/.state}"
+# The catalog: a folder or a URI (s3://bucket/prefix; AWS_ENDPOINT_URL and the AWS keys
+# select MinIO or another S3 API). Ray Train checkpoints: FEWSHOT_RAY_STORAGE, same forms.
 export FEWSHOT_CATALOG="${FEWSHOT_CATALOG:-$FEWSHOT_STATE/catalog}"
 FEWSHOT_VENV="${FEWSHOT_VENV:-$ROOT/.venv}"
 export RAY_PORT="${RAY_PORT:-6390}"

@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from catalog import Catalog
 from catalog.world import build_world
-from services import mlflow_server
+from services import mlflow_server, s3_server
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +26,24 @@ def tiny_catalog(tmp_path_factory) -> Catalog:
 def mlflow_uri(tmp_path_factory):
     with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
         yield uri
+
+
+@pytest.fixture(scope="session")
+def s3_service(tmp_path_factory):
+    """A real S3 server (moto, its own process on 127.0.0.1) with a bucket; see services.S3."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as s3:
+        yield s3
+
+
+@pytest.fixture()
+def s3(s3_service, monkeypatch):
+    """The S3 server, with the standard AWS variables (AWS_ENDPOINT_URL, keys, region) set
+    for this test, as a user would export them for MinIO or AWS."""
+    for k, v in s3_service.env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+        monkeypatch.delenv(k, raising=False)
+    return s3_service
 
 
 @pytest.fixture(scope="session")

@@ -45,3 +45,14 @@ def test_a_wrong_import_breaks_a_contract(tmp_path, room, line, contract):
     assert proc.returncode != 0
     assert f"{contract}" in proc.stdout and "BROKEN" in proc.stdout
     assert f"fewshot.{room}._wrong" in proc.stdout
+
+
+def test_every_room_is_packaged():
+    """A non-editable install (the Docker image) gets exactly the packages pyproject lists."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    rooms = {"fewshot" + ("." + ".".join(p.parent.relative_to(ROOT / "platform" / "fewshot").parts)
+                          if p.parent != ROOT / "platform" / "fewshot" else "")
+             for p in (ROOT / "platform" / "fewshot").rglob("__init__.py")}
+    assert rooms <= listed, sorted(rooms - listed)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import uuid
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -192,7 +192,7 @@ def _plan(catalog: Catalog, name: str, source: SourceDataset, overwrite: bool) -
     """
     categories = list(source.categories)
     if not catalog.has_dataset(name):
-        if catalog.dataset_dir(name).exists() and not overwrite:
+        if catalog.occupied(name) and not overwrite:
             raise DatasetImportError(
                 f"{catalog.dataset_dir(name)} exists but holds no dataset manifest; "
                 "remove it or pass overwrite (--overwrite)"
@@ -201,7 +201,7 @@ def _plan(catalog: Catalog, name: str, source: SourceDataset, overwrite: bool) -
                                      info={}), {}, {}, {}, {})
     existing = catalog.manifest(name)
     present = {s: n for s, n in existing.splits.items()
-               if catalog.split_path(name, s).is_file()}
+               if catalog.has_split(name, s)}
     derived = {s: existing.origin(s).source for s in present if existing.origin(s).held_out}
     imported = {s: n for s, n in present.items() if s not in derived}
     clash = sorted(set(source.splits) & set(imported))
@@ -240,7 +240,7 @@ def _plan(catalog: Catalog, name: str, source: SourceDataset, overwrite: bool) -
 class _Pool:
     """One Parquet file feeding the written dataset, and the metadata of its rows."""
 
-    path: Path
+    path: Path | str
     label: str  # the imported split its rows belong to
     stored_as: str  # where the rows are now ("train", "test (held out)", "new val"...)
     image_ids: list[int] = field(default_factory=list)
@@ -249,6 +249,10 @@ class _Pool:
     classes: list[list[int]] = field(default_factory=list)  # non-crowd category ids per row
     boxes: list[int] = field(default_factory=list)  # stored boxes per row (crowd included)
     dest: list[str | None] = field(default_factory=list)  # final split per row, None: dropped
+    opener: Callable[[], pq.ParquetFile] | None = None  # how to read ``path`` (default: a local file)
+
+    def open(self) -> pq.ParquetFile:
+        return self.opener() if self.opener is not None else pq.ParquetFile(self.path)
 
     def add(self, image_id: int, file_name: str, digest: str, cids, crowd) -> None:
         self.image_ids.append(int(image_id))
@@ -259,11 +263,12 @@ class _Pool:
         self.dest.append(self.label)
 
 
-def _read_pool(path: Path, label: str, stored_as: str) -> _Pool:
-    """Metadata of an existing split file; hashes computed from the images when the file was
-    written before rows carried them."""
-    pool = _Pool(path, label, stored_as)
-    pf = pq.ParquetFile(path)
+def _read_pool(catalog: Catalog, name: str, split: str, label: str, stored_as: str) -> _Pool:
+    """Metadata of an existing split (local or object storage); hashes computed from the
+    images when the split was written before rows carried them."""
+    pool = _Pool(catalog.split_path(name, split), label, stored_as,
+                 opener=lambda: catalog.open_split(name, split))
+    pf = pool.open()
     has_hash = CONTENT_HASH_COLUMN in pf.schema_arrow.names
     cols = ["image_id", "file_name", "category_ids", "iscrowd"]
     cols += [CONTENT_HASH_COLUMN] if has_hash else []
@@ -463,18 +468,19 @@ def write_source(
     for split, src in plan.dropped.items():
         report.notes.append(f"the {split!r} hold-out left with the {src!r} split it came from")
 
-    datasets_dir = catalog.root / "datasets"
-    created = [p for p in (catalog.root, datasets_dir) if not p.exists()]
-    stage = datasets_dir / f".import-{name}-{uuid.uuid4().hex[:8]}"
+    # on local disk, folders this import creates are removed again if it fails; the staging
+    # folder is local whatever the catalog's storage (s3://... included)
+    created = [p for p in (catalog.root, catalog.root / "datasets") if not p.exists()] \
+        if catalog.local else []
+    stage = Path(tempfile.mkdtemp(prefix=f"fewshot-import-{name}-"))
     bad: list[str] = []
     bad_files: list[str] = []
     mismatched: list[str] = []
     rotated_mismatch: list[str] = []
     try:
-        stage.mkdir(parents=True)
         # 1. existing splits that stay (imported ones, and hold-outs returning to them)
-        pools = [_read_pool(catalog.split_path(name, s), s, s) for s in plan.kept]
-        pools += [_read_pool(catalog.split_path(name, s), src, f"{s} (held out)")
+        pools = [_read_pool(catalog, name, s, s, s) for s in plan.kept]
+        pools += [_read_pool(catalog, name, s, src, f"{s} (held out)")
                   for s, src in plan.folded.items()]
         # 2. the new splits, decoded into the staging folder
         for split, imgs in source.splits.items():
@@ -531,7 +537,7 @@ def write_source(
         final = [s for s in SPLITS if s in origins]
         manifest.split_origins = {s: origins[s] for s in final}
         manifest.overlap = {k: v for k, v in report.overlap.items() if k != "examples"}
-        with catalog.writer(manifest, overwrite=catalog.dataset_dir(name).exists()) as w:
+        with catalog.writer(manifest, overwrite=catalog.occupied(name)) as w:
             for split in final:  # every split exists, even one left empty
                 w.write_table(split, IMAGE_SCHEMA.empty_table())
             for pool in pools:
@@ -585,7 +591,7 @@ def _copy_pool(pool: _Pool, writer) -> None:
     """Stream ``pool``'s rows into the writer, each to its final split (or nowhere)."""
     dest = np.array([d or "" for d in pool.dest], dtype=object)
     offset = 0
-    for batch in pq.ParquetFile(pool.path).iter_batches(batch_size=256):
+    for batch in pool.open().iter_batches(batch_size=256):
         table = pa.Table.from_batches([batch])
         # the hashes read (or, for a legacy file, computed) once: the writer need not decode
         hashes = pa.array(pool.hashes[offset:offset + table.num_rows], type=pa.string())
