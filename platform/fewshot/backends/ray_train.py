@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import ray
@@ -38,7 +40,9 @@ STATE_FILE = "train_state.pt"
 class TrainJobSpec:
     """Everything a worker needs; plain data so it ships to the workers as the loop config."""
 
-    init_checkpoint: str  # detector.pt to start from (a fresh base model or an expanded parent)
+    init_checkpoint: object  # detector.pt to start from (a fresh base model or an expanded
+    # parent): the driver's file, shipped to the workers as bytes through the object store
+    # (fit does it), because workers on other nodes cannot read the driver's disk
     train: TrainConfig
     method: MethodConfig = MethodConfig(freeze="none")
     seed: int = 0
@@ -94,7 +98,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(spec.seed + rank)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    start = load_checkpoint(spec.init_checkpoint)
+    start = load_checkpoint(ray.get(spec.init_checkpoint) if isinstance(spec.init_checkpoint, ray.ObjectRef)
+                            else spec.init_checkpoint)
     model = start.build_model()
     balancer = prepare_for_training(model, spec.method)
     distill_head = getattr(model.roi_heads, HEAD_ATTR, None)
@@ -155,9 +160,25 @@ def dataset_from_table(table: pa.Table) -> "ray.data.Dataset":
     return ray.data.from_arrow(table)
 
 
-def dataset_from_parquet(path: str, filesystem=None) -> "ray.data.Dataset":
-    """A split's Parquet read by the cluster (a path or URI every node can reach)."""
-    return ray.data.read_parquet(str(path), filesystem=filesystem)
+def dataset_from_parquet(source) -> "ray.data.Dataset":
+    """A split's Parquet read by the cluster: a :class:`catalog.ParquetSource` (a path or URI
+    every node can reach, and its filesystem)."""
+    return ray.data.read_parquet(source.uri, filesystem=source.filesystem)
+
+
+def storage_for(cluster: ClusterOptions) -> tuple[str, object | None]:
+    """Where Ray Train/Tune keep checkpoints: ``--storage-path`` or ``$FEWSHOT_RAY_STORAGE``
+    (a local path, or a URI such as ``s3://bucket/ray-results`` that every node reaches), else a
+    local temp dir (one node only). Returns ``(path, pyarrow filesystem or None)``."""
+    target = cluster.storage_path or os.environ.get("FEWSHOT_RAY_STORAGE")
+    if not target:
+        return str(Path(tempfile.gettempdir()) / "fewshot-ray-results"), None
+    if "://" not in str(target):
+        return str(target), None
+    from catalog.storage import resolve_uri
+
+    fs, path = resolve_uri(target)
+    return path, fs
 
 
 def fit(
@@ -175,6 +196,9 @@ def fit(
     every CPU, and a lazily read dataset would wait forever for a CPU to run its read tasks.
     """
     spec.threads_per_worker = cluster.cpus_per_worker
+    if not isinstance(spec.init_checkpoint, ray.ObjectRef):
+        spec.init_checkpoint = ray.put(Path(spec.init_checkpoint).read_bytes())
+    storage_path, storage_fs = storage_for(cluster)
     dataset = dataset.materialize()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -185,7 +209,7 @@ def fit(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=cluster.storage_path or str(Path(tempfile.gettempdir()) / "fewshot-ray-results"),
+            storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
         ),

@@ -248,7 +248,7 @@ def pick_best(trials: Sequence[TrialSummary], metric: str) -> TrialSummary:
 def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *, metric: str,
                num_samples: int, max_concurrent: int, cpus_per_trial: int, max_steps: int, grace: int,
                reduction_factor: float, seed: int, name: str, storage_path: str | None = None,
-               verbose: int = 1) -> list[TrialSummary]:
+               storage_filesystem=None, verbose: int = 1) -> list[TrialSummary]:
     """Run the trials (random search seeded with ``seed``, ASHA on val ``metric``); returns
     one summary per trial."""
     trainable = tune.with_resources(tune.with_parameters(run_trial, payload=payload), {"cpu": cpus_per_trial})
@@ -265,7 +265,8 @@ def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *,
                                     num_samples=num_samples,
                                     # a trial's actor has torch and the payload loaded: reuse it
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, callbacks=[logger], verbose=verbose),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  callbacks=[logger], verbose=verbose),
     )
     return _summaries(tuner.fit(), logger)
 

@@ -76,8 +76,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: DetectorConfig, 
     return path
 
 
-def load_checkpoint(path: str | Path) -> DetectorCheckpoint:
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path | bytes) -> DetectorCheckpoint:
+    """A checkpoint from a file, or from its bytes (what Ray Train workers on other nodes get)."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        import io
+
+        payload = torch.load(io.BytesIO(bytes(path)), map_location="cpu", weights_only=True)
+        path = "checkpoint bytes"
+    else:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if payload.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: unsupported checkpoint format {payload.get('format_version')!r}")
     return DetectorCheckpoint(

@@ -106,7 +106,7 @@ def _train_dataset(catalog: Catalog, plan: Plan):
     cached with the dataset and built once)."""
     dataset, teacher = plan.manifest.name, plan.teacher
     if not plan.method.distills:
-        return ray_train.dataset_from_parquet(str(catalog.split_path(dataset, "train")))
+        return ray_train.dataset_from_parquet(catalog.split_source(dataset, "train"))
     if not has_teacher_cache(catalog, dataset, "train", teacher.id):
         print(f"caching {teacher.id} embeddings of every train box (once per dataset) ...", flush=True)
         build_teacher_cache(catalog, dataset, "train", teacher, progress=True)

@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal
 from catalog import Catalog
 from fewshot.backends import registry, tracking
 from fewshot.backends.cluster import ClusterOptions, ensure_ray
+from fewshot.backends.ray_train import storage_for
 from fewshot.backends.ray_tune import (
     VAL_KEYS, MlflowTrialLogger, TrialPayload, TrialSummary, describe_space, pick_best,
     run_finetunes, run_search, search_space,
@@ -256,6 +257,7 @@ def run_tune(opts: TuneOptions) -> TuneResult:
     space = search_space(opts.max_steps, opts.eval_every, distill=prep.teacher is not None)
     ensure_ray(opts.cluster.ray_address)
     cpus = opts.cluster.cpus_per_worker
+    storage_path, storage_fs = storage_for(opts.cluster)
 
     run_name = f"tune-{'+'.join(prep.classes)}-{opts.shots}shot-s{opts.seed}"[:200]
     with tracking.start_run(store.mlflow_uri, store.experiment, run_name,
@@ -283,7 +285,8 @@ def run_tune(opts: TuneOptions) -> TuneResult:
                             max_concurrent=opts.max_concurrent, cpus_per_trial=cpus,
                             max_steps=opts.max_steps, grace=opts.grace,
                             reduction_factor=opts.reduction_factor, seed=opts.seed,
-                            name=f"fewshot-tune-{parent_id[:8]}", storage_path=opts.cluster.storage_path,
+                            name=f"fewshot-tune-{parent_id[:8]}", storage_path=storage_path,
+                            storage_filesystem=storage_fs,
                             verbose=0 if opts.quiet else 1)
         tracking.log_dict([asdict(t) for t in trials], "trials.json")
         failed = [t for t in trials if t.error]
