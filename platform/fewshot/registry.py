@@ -100,15 +100,19 @@ def register_detector(
     extra_tags: dict[str, str] | None = None,
 ) -> VersionInfo:
     """Log the checkpoint as a pyfunc model in the active run and register it as a new version."""
-    from fewshot.pyfunc_model import DetectorPyfunc
+    from fewshot.pyfunc_model import DetectorPyfunc, input_example, pyfunc_artifacts, signature
 
     client(uri)
     if mlflow.active_run() is None:
         raise RuntimeError("register_detector must be called inside an MLflow run")
+    # the signature's params schema is what makes MLflow pass score_threshold/refine on;
+    # the teacher artifact makes the version answer refined wherever it is loaded
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
         python_model=DetectorPyfunc(),
-        artifacts={"detector": str(checkpoint_path)},
+        artifacts=pyfunc_artifacts(checkpoint_path),
+        signature=signature(),
+        input_example=input_example(),
         pip_requirements=PIP_REQUIREMENTS,
     )
     tags = {
