@@ -37,7 +37,6 @@ names prefixed ``ray_``): ``fewshot_requests`` / ``fewshot_errors`` (route, code
 model_version, error), ``fewshot_request_latency_ms`` (route), ``fewshot_boxes_per_image``,
 ``fewshot_refinement`` (applied), ``fewshot_batch_size``, ``fewshot_model_swaps``.
 """
-from __future__ import annotations
 
 import asyncio
 import logging
