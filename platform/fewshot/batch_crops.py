@@ -3,10 +3,9 @@
 :func:`crop_boxes` cuts the same square, context-padded crops as
 :func:`catalog.captions.crop_box` (the crops the teacher was trained and fitted on: the
 box's longer side times ``1 + 2 * context``, at least ``min_side``, centred on the box,
-border pixels repeated outside the image), but for every box of every image at once, on
-the images' device, with ``grid_sample``: each output pixel averages ``k x k`` bilinear
-samples (``k`` = how many source pixels one output pixel spans, at most ``max_samples``),
-which stands in for PIL's antialiased resize. :func:`clip_probs_batched` embeds all crops
+border pixels repeated outside the image), but for every box of an image in one
+``torchvision.ops.roi_align`` call on the images' device (adaptive sampling stands in for
+PIL's antialiased resize). :func:`clip_probs_batched` embeds all crops
 with one teacher call and turns them into class probabilities.
 """
 from __future__ import annotations
@@ -33,9 +32,15 @@ def square_boxes(boxes: torch.Tensor, context: float, min_side: float = 8.0) -> 
 
 
 def crop_boxes(images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], size: int,
-               context: float = 0.2, min_side: float = 8.0, max_samples: int = 4) -> torch.Tensor:
+               context: float = 0.2, min_side: float = 8.0) -> torch.Tensor:
     """Crops [N, 3, size, size] (values as in ``images``) of all ``boxes`` ([n_i, 4] pixels
-    of image i, [3, H_i, W_i]) in order: image 0's boxes first."""
+    of image i, [3, H_i, W_i]) in order: image 0's boxes first.
+
+    ``torchvision.ops.roi_align`` with adaptive sampling (each output pixel averages the
+    source pixels it covers, like an antialiased resize) on the image padded by repeating
+    its border as far as the squares reach outside it."""
+    from torchvision.ops import roi_align
+
     out = []
     for image, bx in zip(images, boxes, strict=True):
         if bx.shape[0] == 0:
@@ -44,19 +49,13 @@ def crop_boxes(images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], si
             raise ValueError(f"expected a [3, H, W] image, got shape {tuple(image.shape)}")
         _, h, w = image.shape
         sq = square_boxes(bx.to(image.device), context, min_side)
-        side = sq[:, 2] - sq[:, 0]
-        k = int(min(max(math.ceil(float(side.max()) / size), 1), max_samples))
-        n, m = sq.shape[0], size * k
-        # sample positions (pixel units, pixel j covers [j, j + 1)) of an m x m grid per box
-        t = (torch.arange(m, device=image.device, dtype=torch.float32) + 0.5) / m  # [m] in (0, 1)
-        xs = sq[:, 0:1] + t[None, :] * side[:, None]  # [n, m]
-        ys = sq[:, 1:2] + t[None, :] * side[:, None]
-        gx = (2.0 * xs / w - 1.0)[:, None, :].expand(n, m, m)
-        gy = (2.0 * ys / h - 1.0)[:, :, None].expand(n, m, m)
-        grid = torch.stack([gx, gy], dim=-1)  # [n, m, m, 2]
-        src = image.float().unsqueeze(0).expand(n, -1, -1, -1)
-        crops = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out.append(F.avg_pool2d(crops, k) if k > 1 else crops)
+        reach = torch.cat([-sq[:, :2].min(dim=0).values, sq[:, 2:].max(dim=0).values - sq.new_tensor([w, h])])
+        pad = int(math.ceil(max(float(reach.max()), 0.0))) + 1
+        src = image.float().unsqueeze(0)
+        if pad > 0:
+            src = F.pad(src, (pad, pad, pad, pad), mode="replicate")
+        rois = torch.cat([sq.new_zeros((sq.shape[0], 1)), sq + pad], dim=1)
+        out.append(roi_align(src, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True))
     if not out:
         c = images[0].shape[0] if len(images) else 3
         return torch.zeros((0, c, size, size))
