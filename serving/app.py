@@ -244,9 +244,6 @@ class Served:
         if not requested:
             return {"applied": False, "fusion_weight": self.refiner.fusion_weight,
                     "reason": "turned off for this request"}
-        if self.refiner.fusion_weight == 0.0:
-            return {"applied": False, "fusion_weight": 0.0,
-                    "reason": "the fusion weight chosen on val is 0 (detector scores unchanged)"}
         return {"applied": True, "fusion_weight": self.refiner.fusion_weight,
                 "teacher": self.refiner.teacher_id}
 

@@ -116,6 +116,7 @@ class Answerer:
                 results[i] = out
         ok = [i for i in raw if not isinstance(raw[i], Exception)]
         to_refine = [i for i in ok if items[i].refine and self.can_refine and raw[i]["boxes"].shape[0]]
+        # a refiner whose fusion weight is 0 leaves the scores as they are: no teacher call
         probs = self._clip({i: tensors[i] for i in to_refine}, {i: raw[i]["boxes"] for i in to_refine})
         del tensors
         for i in ok:
@@ -123,12 +124,13 @@ class Answerer:
                 p = probs.get(i)
                 if isinstance(p, Exception):
                     raise p
-                results[i] = self._format(items[i], raw[i], p)
+                results[i] = self._format(items[i], raw[i], p,
+                                          refined=items[i].refine and self.refiner is not None)
             except Exception as err:
                 results[i] = err
         return results
 
-    def _format(self, item: Item, out: dict, probs: torch.Tensor | None) -> list[dict]:
+    def _format(self, item: Item, out: dict, probs: torch.Tensor | None, refined: bool = False) -> list[dict]:
         sx, sy = item.decoded.scale
         boxes = (out["boxes"].float().cpu() * torch.tensor([sx, sy, sx, sy])).tolist()
         labels = out["labels"].cpu().tolist()
@@ -143,6 +145,8 @@ class Answerer:
             d = {"box": [round(v, 2) for v in box], "label": self.classes[label - 1]}
             if p_label is None:
                 d["score"] = round(float(s_det), 4)
+                if refined:  # fusion weight 0: refined answers still say the detector's score
+                    d["det_score"] = d["score"]
             else:
                 d["score"] = round((1.0 - lam) * s_det + lam * p_label[j], 4)
                 d["det_score"] = round(float(s_det), 4)
