@@ -1,6 +1,5 @@
 """Long loops print one progress line every few seconds outside a terminal (a Ray job log),
 not one per step."""
-import io
 import itertools
 
 import torch

@@ -104,15 +104,19 @@ def register_detector(
 ) -> VersionInfo:
     """Log the checkpoint as a pyfunc model in the active run and register it as a new version
     with every tag (and ``description``, the sentence the MLflow UI shows on the version)."""
-    from fewshot.backends.pyfunc import DetectorPyfunc
+    from fewshot.backends.pyfunc import DetectorPyfunc, input_example, pyfunc_artifacts, signature
 
     client(uri)
     if mlflow.active_run() is None:
         raise RuntimeError("register_detector must be called inside an MLflow run")
+    # the signature's params schema is what makes MLflow pass score_threshold/refine on;
+    # the teacher artifact makes the version answer refined wherever it is loaded
     info = mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
         python_model=DetectorPyfunc(),
-        artifacts={"detector": str(checkpoint_path)},
+        artifacts=pyfunc_artifacts(checkpoint_path),
+        signature=signature(),
+        input_example=input_example(),
         pip_requirements=PIP_REQUIREMENTS,
     )
     tags = {

@@ -1,0 +1,189 @@
+"""Serving's math without a cluster: bounded decoding, batched crops, per-item isolation,
+the pyfunc flavour (legacy versions included) and the serve configs."""
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fewshot.clip.answering import Answerer, Item
+from fewshot.clip.batch_crops import crop_boxes
+from fewshot.model.checkpoint import save_checkpoint
+from fewshot.model.presets import preset
+from fewshot.model.detector import build_detector
+from fewshot.model.image_input import DecodedImage, ImageError, decode_image
+from fewshot.model.inference import Detector
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_SIZE = (160, 256)  # cpu-small
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def scene(w: int = 160, h: int = 120, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.full((h, w, 3), 200, np.uint8)
+    for _ in range(4):
+        x, y = rng.integers(0, w - 20), rng.integers(0, h - 20)
+        arr[y:y + rng.integers(10, 30), x:x + rng.integers(10, 30)] = rng.integers(0, 255, 3)
+    return Image.fromarray(arr)
+
+
+def png_header_bomb(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels (the data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory) -> Detector:
+    cfg = preset("cpu-small")
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "detector.pt", build_detector(cfg, 4), cfg,
+                           ["circle", "square", "triangle"], [1, 2, 3], "synthworld", "cs-units")
+    return Detector.from_file(path)
+
+
+# ---- decoding ------------------------------------------------------------------------------
+
+def test_decode_refuses_each_kind_of_bad_upload():
+    good = encode(scene())
+    cases = {
+        "empty": b"",
+        "too_large": good + b"\0" * 2048,
+        "not_an_image": b"{\"image\": 1}",
+        "corrupt": good[: len(good) // 2],
+        "too_many_pixels": png_header_bomb(20000, 20000),
+        "bad_shape": encode(Image.new("RGB", (4000, 20))),
+    }
+    for kind, data in cases.items():
+        with pytest.raises(ImageError) as err:
+            decode_image(data, max_bytes=len(good) + 1024, max_pixels=4_000_000, model_size=MODEL_SIZE)
+        assert err.value.kind == kind, (kind, err.value.message)
+    # PIL's own bomb limit is not the only guard: a header past max_pixels is refused unread
+    with pytest.raises(ImageError) as err:
+        decode_image(png_header_bomb(3000, 3000), max_pixels=1_000_000)
+    assert err.value.kind == "too_many_pixels"
+
+
+def test_decode_drafts_large_jpegs_and_maps_boxes_back():
+    big = scene(2400, 1800)
+    out = decode_image(encode(big, "JPEG", quality=90), max_pixels=1_000_000, model_size=MODEL_SIZE)
+    # 4.3 MP refused by max_pixels if decoded whole; the DCT draft (1/8 per side) fits
+    assert (out.width, out.height) == (2400, 1800)
+    assert out.image.size == (300, 225) and out.scale == (8.0, 8.0)
+    # PNG: decoded whole, then reduced to no smaller than the model input (213 x 160)
+    out = decode_image(encode(big.resize((1200, 900))), model_size=MODEL_SIZE)
+    assert out.image.size == (240, 180) and out.scale == (5.0, 5.0)
+    small = decode_image(encode(scene()), model_size=MODEL_SIZE)
+    assert small.image.size == (160, 120) and small.scale == (1.0, 1.0)
+
+
+def test_decode_applies_exif_orientation_inside_the_error_handling():
+    img = scene(200, 100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the upload is seen as 100 x 200
+    out = decode_image(encode(img, "JPEG", exif=exif.tobytes()), model_size=MODEL_SIZE)
+    assert (out.width, out.height) == (100, 200) and out.image.size == (100, 200)
+    # a 16-bit greyscale PNG converts; an odd mode does not crash the caller
+    out = decode_image(encode(Image.fromarray(np.full((50, 60), 40000, np.uint16))))
+    assert out.image.mode == "RGB"
+
+
+# ---- batched crops --------------------------------------------------------------------------
+
+def test_batched_crops_match_the_teachers_crops():
+    from catalog.captions import crop_box
+
+    rng = np.random.default_rng(0)
+    # a smooth image (crops of noise differ by resampling details, not by geometry)
+    yy, xx = np.mgrid[0:120, 0:160]
+    arr = np.stack([xx * 1.5, yy * 2.0, (xx + yy)], axis=2).clip(0, 255).astype(np.uint8)
+    boxes = [[10, 10, 50, 40], [0, 0, 30, 100], [140, 100, 160, 120], [70, 50, 72, 52]]
+    ref = np.stack([crop_box(arr, b, size=64, context=0.2) for b in boxes]).astype(np.float32)
+    t = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+    got = crop_boxes([t, t], [torch.tensor(boxes, dtype=torch.float32), torch.zeros((0, 4))], 64, context=0.2)
+    assert got.shape == (4, 3, 64, 64)
+    got = got.permute(0, 2, 3, 1).numpy() * 255.0
+    assert np.abs(got - ref).mean() < 3.0, np.abs(got - ref).mean()  # of 255
+    del rng
+
+
+# ---- isolation -----------------------------------------------------------------------------
+
+def test_one_failing_item_fails_alone(detector):
+    ans = Answerer(detector)
+    good = [DecodedImage(scene(seed=s), 160, 120) for s in range(2)]
+    # bypassing decode's shape check, this image makes the detector's resize zero-sized
+    bad = DecodedImage(Image.new("RGB", (6000, 3)), 6000, 3)
+    alone = [ans.answer([Item(g, 0.0, False)])[0] for g in good]
+    out = ans.answer([Item(good[0], 0.0, False), Item(bad, 0.0, False), Item(good[1], 0.0, False)])
+    assert isinstance(out[1], RuntimeError)
+    assert out[0] == alone[0] and out[2] == alone[1]
+    assert len(out[0]) > 0  # an untrained detector still answers boxes at threshold 0
+
+
+def test_answers_are_in_upload_pixels(detector):
+    ans = Answerer(detector)
+    img = scene(1200, 900)
+    full = decode_image(encode(img), model_size=MODEL_SIZE)
+    dets = ans.answer([Item(full, 0.0, False)])[0]
+    assert dets and max(d["box"][2] for d in dets) > 300  # scaled back from the 300 px decode
+    assert all(0 <= d["box"][0] <= d["box"][2] <= 1200.01 for d in dets)
+
+
+# ---- the pyfunc flavour ----------------------------------------------------------------------
+
+def test_legacy_pyfunc_version_still_loads_and_answers_the_same():
+    import mlflow.pyfunc
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model(str(ROOT / "tests/fixtures/legacy_pyfunc_v0"))
+    expected = json.loads((ROOT / "tests/fixtures/legacy_pyfunc_v0.expected.json").read_text())
+    img = Image.new("RGB", tuple(expected["image"]["size"]), tuple(expected["image"]["rgb"]))
+    assert type(model.unwrap_python_model()).__qualname__ == "DetectorPyfunc"
+    assert model.predict(pd.DataFrame({"image": [encode(img)]})) == expected["predictions"]
+    assert model.predict([encode(img)]) == expected["predictions"]
+
+
+def test_pyfunc_signature_has_params():
+    from fewshot.backends.pyfunc import input_example, signature
+
+    sig = signature()
+    assert [p.name for p in sig.params.params] == ["score_threshold", "refine"]
+    assert sig.inputs.input_names() == ["image"]
+    assert decode_image(input_example()["image"][0]).image.size == (64, 48)
+
+
+# ---- configs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_serve_configs_validate(name):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import ServiceSettings
+
+    cfg = yaml.safe_load((ROOT / "serving" / name).read_text())
+    schema = ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(cfg)
+    dep = schema.applications[0].deployments[0]
+    assert cfg["http_options"]["request_timeout_s"] > 0
+    assert dep.autoscaling_config["target_ongoing_requests"] > 0
+    settings = ServiceSettings(**dep.user_config)
+    assert (settings.device == "cuda") == (dep.ray_actor_options.num_gpus > 0)
+    with pytest.raises(ValueError):
+        ServiceSettings(**dep.user_config, no_such_setting=1)
