@@ -48,7 +48,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-test-images", type=int, default=300)
     p.add_argument("--json-out", default="", help="append the result as one JSON line to this file")
+    p.add_argument("--save", default="", help="save the trained detector (fewshot checkpoint) here")
+    p.add_argument("--diagnose-images", type=int, default=100,
+                   help="test images for the diagnostics (proposal recall, classification of true boxes)")
     return p
+
+
+@torch.no_grad()
+def diagnose(model, rows, index) -> dict:
+    """What limits the detector: localisation (does the RPN propose each object? recall of its
+    test-time proposals at IoU 0.5 and 0.7) or classification (the box head's class for the
+    ground-truth box itself, argmax over the object classes)."""
+    from torchvision.ops import box_iou
+
+    from fewshot.data import decode_row_image, row_to_target
+
+    model.eval()
+    hits50 = hits70 = correct = total = 0
+    for row in rows:
+        image = decode_row_image(row["image"])
+        target = row_to_target(row, index)
+        if not len(target["boxes"]):
+            continue
+        images, _ = model.transform([image])
+        features = model.backbone(images.tensors)
+        proposals, _ = model.rpn(images, features)
+        h, w = images.image_sizes[0]
+        sy, sx = h / image.shape[-2], w / image.shape[-1]
+        gt = target["boxes"] * torch.tensor([sx, sy, sx, sy])
+        iou = box_iou(gt, proposals[0]).max(dim=1).values if len(proposals[0]) else torch.zeros(len(gt))
+        hits50 += int((iou >= 0.5).sum())
+        hits70 += int((iou >= 0.7).sum())
+        heads = model.roi_heads
+        logits, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, [gt], images.image_sizes)))
+        correct += int(((logits[:, 1:].argmax(dim=1) + 1) == target["labels"]).sum())
+        total += len(gt)
+    return {"objects": total, "proposal_recall50": hits50 / max(1, total),
+            "proposal_recall70": hits70 / max(1, total), "gt_box_class_acc": correct / max(1, total)}
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -132,6 +168,11 @@ def main(args: argparse.Namespace) -> dict:
     results = predict_rows(model, split.rows, category_ids)
     report = split.evaluate(results)
     eval_s = time.perf_counter() - t1
+    diag = diagnose(model, split.rows[: args.diagnose_images], index) if args.diagnose_images else {}
+    if args.save:
+        from fewshot.checkpoint import save_checkpoint
+
+        save_checkpoint(args.save, model, config, classes, category_ids, manifest.name, "benchmark")
     out = {
         "preset": args.preset, "overrides": args.override, "augment": args.augment, "seed": args.seed,
         "threads": args.threads, "budget_s": args.budget_s, "steps_planned": steps,
@@ -140,13 +181,18 @@ def main(args: argparse.Namespace) -> dict:
         "cpu_s_per_step": round(train_cpu_s / max(1, done["steps"]), 3),
         "eval_s": round(eval_s, 1), "test_images": report.num_images,
         "bAP50": round(report.bAP50, 4), "bAP": round(report.bAP, 4),
-        "loadavg_1m_end": os.getloadavg()[0],
+        "loadavg_1m_end": os.getloadavg()[0], **{k: round(v, 4) for k, v in diag.items()},
+        "per_class_AP50": {k: round(v, 3) for k, v in report.per_class_AP50.items()},
     }
     print("| preset | overrides | augment | lr | steps | cpu s/step | train cpu s | train wall s | bAP50 | bAP |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.preset} | {' '.join(args.override) or '-'} | {args.augment} | {args.lr:g} | {done['steps']} | "
           f"{out['cpu_s_per_step']} | {out['train_cpu_s']} | {out['train_wall_s']} | {out['bAP50']:.3f} | "
           f"{out['bAP']:.3f} |")
+    if diag:
+        print(f"diagnostics on {diag['objects']} test objects: proposal recall@0.5 "
+              f"{diag['proposal_recall50']:.3f}, @0.7 {diag['proposal_recall70']:.3f}; box head's class "
+              f"for the true box {diag['gt_box_class_acc']:.3f}")
     print(json.dumps(out), flush=True)
     if args.json_out:
         with open(args.json_out, "a") as f:
