@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fewshot.learning.ablation import VARIANTS
     from fewshot.learning.freezing import POLICIES
     from fewshot.backends.registry import DEFAULT_MODEL_NAME
+    from fewshot.model.devices import PRECISIONS
 
     p = argparse.ArgumentParser(
         description="Ablation of the seed methods on a class split: every variant fine-tunes the "
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images", type=int, default=100,
                    help="val images the refinement fusion weight is chosen on")
     p.add_argument("--cpus-per-task", type=int, default=1, help="CPUs (torch threads) per draw")
+    p.add_argument("--gpu", action="store_true",
+                   help="run every draw on a GPU (each task holds --gpus-per-worker GPUs)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0,
+                   help="GPUs per draw with --gpu; a fraction (e.g. 0.5) runs several draws on one GPU")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="fp32, bf16 or fp16 (GPU only) autocast; auto: bf16 on a GPU that supports it, "
+                        "fp32 on CPU")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: this machine's, else a new one)")
     p.add_argument("--experiment", default="fewshot-ablation", help="MLflow experiment")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
@@ -143,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.gpu and not args.gpus_per_worker > 0:
+        print(f"error: --gpus-per-worker must be > 0, got {args.gpus_per_worker}", file=sys.stderr)
+        return 2
+    if args.precision == "fp16" and not args.gpu:
+        print("error: --precision fp16 needs --gpu (use bf16 or fp32 on CPU)", file=sys.stderr)
+        return 2
+    gpus = float(args.gpus_per_worker) if args.gpu else 0.0
     if not args.mlflow_uri:
         print("error: no MLflow server: pass --mlflow-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_ray(args.ray_address)
     parent_ref_obj = ray.put(parent)
 
-    @ray.remote(num_cpus=args.cpus_per_task)
+    @ray.remote(num_cpus=args.cpus_per_task, num_gpus=gpus)
     def unit(spec: UnitSpec, parent_ckpt) -> list[dict]:
         import torch
 
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                       shots=k, seed=s, variants=tuple(variants), train=cfg, freeze=args.freeze,
                       balancer_momentum=args.balancer_momentum, distill_beta=args.distill_beta,
                       teacher_spec=args.teacher, test_images=args.test_images,
-                      val_images=args.val_images)
+                      val_images=args.val_images, gpus=gpus, precision=args.precision)
              for k in shots for s in range(args.seeds)]
     started = time.time()
     pending = {unit.remote(spec, parent_ref_obj): spec for spec in specs}
@@ -201,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                              "variants": variants, "teacher": args.teacher, "freeze": args.freeze,
                              "distill_beta": args.distill_beta, "test_images": args.test_images,
                              "val_images": args.val_images, "base_model": parent_ref,
+                             "gpus_per_task": gpus, "precision": args.precision,
                              **cfg.to_dict()})
         for c in cells:
             for metric in ("nAP50", "bAP50"):

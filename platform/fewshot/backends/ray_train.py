@@ -1,7 +1,9 @@
 """Glue: run ``fewshot.learning.loop.train`` on a Ray Train ``TorchTrainer`` (DDP over N workers).
 
-Each worker reads its shard of a Ray Data dataset (catalog Parquet rows), decodes images,
-and runs the same explicit loop as a plain process would. Rank 0 logs losses (and the weights
+Each worker reads its shard of a Ray Data dataset (catalog Parquet rows whose images Ray Data
+decodes in its own tasks, ``map_batches(decode_column_batch)``, so no step waits on decoding)
+and runs the same explicit loop as a plain process would, on ``ray.train.torch.get_device()``
+(a GPU with ``--gpu``; batches pinned and copied ``non_blocking``) at the run's precision. Rank 0 logs losses (and the weights
 a balancer applied) to the MLflow run whose id it is given, shows a progress bar in the job
 log, and reports checkpoints through Ray Train every ``checkpoint_every`` steps so a worker
 failure resumes from the last one (``max_failures``). The final checkpoint is a
@@ -27,12 +29,14 @@ from ray.train.torch import TorchTrainer
 
 from fewshot.backends.cluster import ClusterOptions
 from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
-from fewshot.model.batches import class_index, columnar_to_rows, rows_to_batch
+from fewshot.model.batches import class_index, columnar_to_rows, decode_column_batch, prefetch, rows_to_batch
+from fewshot.model.devices import grad_scaler, pin_batch, resolve_precision
 from fewshot.model.checkpoint import DISTILL_HEAD_ATTR as HEAD_ATTR
 from fewshot.learning.method import MethodConfig, balancer_metrics, prepare_for_training
 from fewshot.learning.loop import TrainConfig, make_optimizer, train
 
 CHECKPOINT_FILE = "detector.pt"
+PRECISION_KEY = "precision"  # in the checkpoint's extra: fp32 / bf16 / fp16
 STATE_FILE = "train_state.pt"
 
 
@@ -52,6 +56,7 @@ class TrainJobSpec:
     checkpoint_every: int = 0  # 0: only at the end
     threads_per_worker: int = 1
     progress: bool = True
+    precision: str = "auto"  # fewshot.model.devices.resolve_precision on the worker's device
 
 
 def _infinite_batches(spec: TrainJobSpec, index: dict[int, int], rank: int) -> Iterator:
@@ -65,7 +70,7 @@ def _infinite_batches(spec: TrainJobSpec, index: dict[int, int], rank: int) -> I
             local_shuffle_seed=int(rng.integers(1 << 31)),
         ):
             produced += 1
-            yield rows_to_batch(columnar_to_rows(cols), index, rng=rng)
+            yield rows_to_batch(columnar_to_rows(cols), index, rng=rng, uint8=True)
         if produced == 0:
             raise RuntimeError(f"worker {rank} received an empty dataset shard")
 
@@ -97,14 +102,18 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, spec.threads_per_worker))
     torch.manual_seed(spec.seed + rank)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    device = ray.train.torch.get_device()  # this worker's GPU with --gpu, else the CPU
+    precision = resolve_precision(spec.precision, device)
 
     start = load_checkpoint(ray.get(spec.init_checkpoint) if isinstance(spec.init_checkpoint, ray.ObjectRef)
                             else spec.init_checkpoint)
     model = start.build_model()
     balancer = prepare_for_training(model, spec.method)
     distill_head = getattr(model.roi_heads, HEAD_ATTR, None)
+    model.to(device)  # before the optimizer state is loaded: it follows its parameters' device
 
     optimizer = make_optimizer(model, spec.train)
+    scaler = grad_scaler(device, precision)
     start_step = 0
     resume = ray.train.get_checkpoint()
     if resume is not None:
@@ -117,12 +126,16 @@ def train_loop_per_worker(config: dict) -> None:
                 balancer.load_state_dict(state["balancer"])
             if distill_head is not None and state.get("distill_head"):
                 distill_head.load_state_dict(state["distill_head"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
 
     ddp_model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+        model, move_to_device=device, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     index = class_index(start.category_ids)
     batches = _infinite_batches(spec, index, rank)
+    if device.type == "cuda":  # assemble and pin the next batches while the GPU runs this one
+        batches = prefetch(batches, depth=2, fn=lambda b: pin_batch(*b))
     log_mlflow = _mlflow_logger(spec) if rank == 0 else None
 
     def save_and_report(step: int, metrics: dict[str, float]) -> None:
@@ -131,12 +144,15 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as d:
+            # the precision it trained in travels with the weights: evaluation and Serve use it
             save_checkpoint(Path(d) / CHECKPOINT_FILE, model, start.config, start.classes,
-                            start.category_ids, start.dataset, start.class_set, start.extra)
+                            start.category_ids, start.dataset, start.class_set,
+                            {**start.extra, PRECISION_KEY: precision})
             torch.save({"optimizer": optimizer.state_dict(), "step": step,
                         "balancer": balancer.state_dict() if balancer is not None else None,
                         # the detector file drops the distillation head; resuming needs it
-                        "distill_head": distill_head.state_dict() if distill_head is not None else None},
+                        "distill_head": distill_head.state_dict() if distill_head is not None else None,
+                        "scaler": scaler.state_dict() if scaler is not None else None},
                        Path(d) / STATE_FILE)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
@@ -147,8 +163,29 @@ def train_loop_per_worker(config: dict) -> None:
             save_and_report(step, metrics)
 
     last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=balancer_metrics(balancer),
-                 progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer)
+                 progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer,
+                 device=device, precision=precision, scaler=scaler)
     save_and_report(spec.train.steps, last)
+
+
+def scaling_config(cluster: ClusterOptions) -> ScalingConfig:
+    """Workers of ``cluster.cpus_per_worker`` CPUs and, with ``--gpu``, ``gpus_per_worker``
+    GPUs each (a fraction packs several workers on one GPU)."""
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    return ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.gpu,
+                         resources_per_worker=resources)
+
+
+def decode_tasks_cpus(cluster: ClusterOptions) -> float:
+    """CPUs each decode task asks for: 1 when the cluster has CPUs beyond the workers', else 0
+    (a zero-CPU task always schedules; it shares the cores with the workers)."""
+    try:
+        total = float(ray.cluster_resources().get("CPU", 0.0))
+    except Exception:  # noqa: BLE001 - not connected: be safe
+        return 0.0
+    return 1.0 if total - cluster.num_workers * cluster.cpus_per_worker >= 1.0 else 0.0
 
 
 def dataset_from_rows(rows: list[dict], schema: pa.Schema) -> "ray.data.Dataset":
@@ -192,21 +229,27 @@ def fit(
 ) -> Path:
     """Train on the cluster; returns ``out_dir/detector.pt``, the final checkpoint.
 
-    The dataset is materialized before the workers start: on a small cluster the workers hold
-    every CPU, and a lazily read dataset would wait forever for a CPU to run its read tasks.
+    The dataset is read (materialized) before the workers start: on a small cluster the workers
+    hold every CPU, and a lazily read dataset would wait forever for a CPU to run its read
+    tasks. Image decoding then streams as Ray Data ``map_batches`` tasks beside the workers
+    (:func:`decode_tasks_cpus` CPUs each: none reserved when the workers hold every CPU, so
+    they can always run), in order, so a seeded run sees the same batches.
     """
     spec.threads_per_worker = cluster.cpus_per_worker
     if not isinstance(spec.init_checkpoint, ray.ObjectRef):
         spec.init_checkpoint = ray.put(Path(spec.init_checkpoint).read_bytes())
     storage_path, storage_fs = storage_for(cluster)
-    dataset = dataset.materialize()
+    spec.precision = cluster.precision
+    dataset = dataset.materialize().map_batches(
+        decode_column_batch, batch_size=max(1, spec.train.batch_size), batch_format="numpy",
+        num_cpus=decode_tasks_cpus(cluster), zero_copy_batch=True)
+    options = ray.data.ExecutionOptions()
+    options.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(
-            num_workers=cluster.num_workers, use_gpu=cluster.gpu,
-            resources_per_worker={"CPU": cluster.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cluster),
+        dataset_config=ray.train.DataConfig(execution_options=options),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path, storage_filesystem=storage_fs,

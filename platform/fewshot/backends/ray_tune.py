@@ -33,6 +33,7 @@ from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodOptions, finetune
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit
 from fewshot.model.checkpoint import DetectorCheckpoint
+from fewshot.model.devices import resolve_device, resolve_precision
 
 METRICS = ("HM50", "HM")
 VAL_KEYS = ("HM", "HM50", "bAP", "bAP50", "nAP", "nAP50")
@@ -94,6 +95,13 @@ class TrialPayload:
     seed: int
     eval_every: int
     threads: int = 1
+    gpus: float = 0.0       # GPUs per trial (0: CPU only; a fraction shares one GPU)
+    precision: str = "auto"
+
+    @property
+    def device(self) -> str | None:
+        """None (the trial's default device: its GPU) with GPUs, else the CPU, explicitly."""
+        return None if self.gpus > 0 else "cpu"
 
 
 def val_metrics(report: EvalReport) -> dict[str, float]:
@@ -114,13 +122,17 @@ def run_trial(config: dict, payload: TrialPayload) -> None:
     rows = payload.rows_with_teacher if method.distills else payload.rows
 
     model = payload.start.build_model()
+    device = resolve_device(payload.device)
+    precision = resolve_precision(payload.precision, device)
 
     def report(step: int, smoothed: dict[str, float]) -> None:  # every eval_every steps and the last
-        figures = val_metrics(score(to_checkpoint(model, payload.start), payload.val))
+        figures = val_metrics(score(to_checkpoint(model, payload.start), payload.val, device=device,
+                                    precision=precision))
         tune.report({"step": step, **figures, "lr": smoothed["lr"],
                      **{f"train_{k}": v for k, v in smoothed.items() if k != "lr"}})
 
-    finetune(payload.start, rows, tcfg, method, seed=payload.seed, on_log=report, model=model)
+    finetune(payload.start, rows, tcfg, method, seed=payload.seed, on_log=report, model=model,
+             device=device, precision=precision)
 
 
 # ---- MLflow: one nested run per trial ----------------------------------------------------------
@@ -247,11 +259,13 @@ def pick_best(trials: Sequence[TrialSummary], metric: str) -> TrialSummary:
 
 def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *, metric: str,
                num_samples: int, max_concurrent: int, cpus_per_trial: int, max_steps: int, grace: int,
+               gpus_per_trial: float = 0.0,
                reduction_factor: float, seed: int, name: str, storage_path: str | None = None,
                storage_filesystem=None, verbose: int = 1) -> list[TrialSummary]:
     """Run the trials (random search seeded with ``seed``, ASHA on val ``metric``); returns
     one summary per trial."""
-    trainable = tune.with_resources(tune.with_parameters(run_trial, payload=payload), {"cpu": cpus_per_trial})
+    resources = {"cpu": cpus_per_trial, **({"gpu": gpus_per_trial} if gpus_per_trial > 0 else {})}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, payload=payload), resources)
     scheduler = ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace,
                               reduction_factor=reduction_factor)
     tuner = tune.Tuner(
@@ -271,20 +285,27 @@ def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *,
     return _summaries(tuner.fit(), logger)
 
 
-def _finetune_and_score(episode, cfg: TrainConfig, method, split: EvalSplit, threads: int) -> dict:
-    """One fine-tune of a comparison: expand, fine-tune, score on ``split`` (rows pre-embedded)."""
+def _finetune_and_score(episode, cfg: TrainConfig, method, split: EvalSplit, threads: int,
+                        gpus: float = 0.0, precision: str = "auto") -> dict:
+    """One fine-tune of a comparison: expand, fine-tune, score on ``split`` (rows pre-embedded),
+    on the task's GPU when it holds one, else the CPU."""
     torch.set_num_threads(max(1, threads))
-    start = expand_parent(episode)
-    model = finetune(start, episode.rows, cfg, method, seed=episode.seed)
-    return val_metrics(score(to_checkpoint(model, start), split))
+    device = resolve_device(None if gpus > 0 else "cpu")
+    precision = resolve_precision(precision, device)
+    start = expand_parent(episode, device=device)
+    model = finetune(start, episode.rows, cfg, method, seed=episode.seed, device=device, precision=precision)
+    return val_metrics(score(to_checkpoint(model, start), split, device=device, precision=precision))
 
 
-def run_finetunes(jobs: dict, split: EvalSplit, cpus: int, on_done=None) -> dict:
-    """``jobs``: key -> (episode, TrainConfig, MethodConfig); one Ray task each, ``split``
-    shipped once; returns key -> figures (``on_done(key, figures, done, total)`` as they come)."""
+def run_finetunes(jobs: dict, split: EvalSplit, cpus: int, on_done=None, *, gpus: float = 0.0,
+                  precision: str = "auto") -> dict:
+    """``jobs``: key -> (episode, TrainConfig, MethodConfig); one Ray task each (``cpus`` CPUs,
+    ``gpus`` GPUs), ``split`` shipped once; returns key -> figures (``on_done(key, figures,
+    done, total)`` as they come)."""
     split_ref = ray.put(split)
-    task = ray.remote(num_cpus=cpus)(_finetune_and_score)
-    pending = {task.remote(ep, cfg, method, split_ref, cpus): key for key, (ep, cfg, method) in jobs.items()}
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finetune_and_score)
+    pending = {task.remote(ep, cfg, method, split_ref, cpus, gpus, precision): key
+               for key, (ep, cfg, method) in jobs.items()}
     out, waiting = {}, list(pending)
     while waiting:
         ready, waiting = ray.wait(waiting, num_returns=1)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from catalog.crops import crop_box, to_uint8_rgb
+from fewshot.model.devices import resolve_device
 
 __all__ = [
     "EMBEDDED_PREFIX", "EMBEDDED_MODEL_NAME", "EMBEDDED_MODEL_CFG", "EMBEDDED_FORMAT",
@@ -251,8 +252,9 @@ class Teacher:
     """
 
     def __init__(self, model, tokenizer, *, spec: str, id: str, model_name: str = "",
-                 device: str | torch.device = "cpu", batch_size: int = 256,
+                 device: str | torch.device | None = None, batch_size: int = 256,
                  templates: Sequence[str] = DEFAULT_PROMPT_TEMPLATES, box_context: float = 0.2):
+        device = resolve_device(device)  # None: CUDA when available, else the CPU
         self.model = model.eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -468,10 +470,12 @@ def _load_embedded(path: Path, spec: str, device, **kwargs) -> Teacher:
     return teacher
 
 
-def load_teacher(spec: str, device: str | torch.device = "cpu", **kwargs) -> Teacher:
-    """Load the teacher a spec names (see the module docstring); extra kwargs go to
-    :class:`Teacher` (``batch_size``, ``templates``, ``box_context``)."""
+def load_teacher(spec: str, device: str | torch.device | None = None, **kwargs) -> Teacher:
+    """Load the teacher a spec names (see the module docstring) onto ``device`` (default: CUDA
+    when available, else the CPU); extra kwargs go to :class:`Teacher` (``batch_size``,
+    ``templates``, ``box_context``)."""
     parsed = parse_teacher_spec(spec)
+    device = resolve_device(device)
     if parsed.kind == "embedded":
         path = Path(parsed.source).expanduser().resolve()
         return _load_embedded(path, f"{EMBEDDED_PREFIX}{path}", device, **kwargs)

@@ -32,6 +32,7 @@ from fewshot.learning.episode import expand_parent, fine_tune_episode, predict, 
 from fewshot.metrics.coco_eval import load_eval_split
 from fewshot.learning.method import MethodConfig
 from fewshot.learning.loop import TrainConfig
+from fewshot.model.devices import resolve_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ class UnitSpec:
     teacher_spec: str | None = None
     test_images: int | None = 150
     val_images: int | None = 100
+    gpus: float = 0.0           # the task holds this many GPUs: run on its CUDA device (else the CPU)
+    precision: str = "auto"     # fewshot.model.devices.resolve_precision on that device
+
+    @property
+    def device(self) -> str | None:
+        return None if self.gpus > 0 else "cpu"
 
 
 def check_variants(names: Sequence[str], teacher_spec: str | None) -> None:
@@ -89,16 +96,18 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
     check_variants(spec.variants, spec.teacher_spec)
     say = progress or (lambda _msg: None)
     catalog = Catalog(spec.catalog_root)
+    device = resolve_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
     teacher = None
     if spec.teacher_spec and any(VARIANTS[v].distill or VARIANTS[v].refine for v in spec.variants):
         from fewshot.clip.teacher import load_teacher
 
-        teacher = load_teacher(spec.teacher_spec)
+        teacher = load_teacher(spec.teacher_spec, device=device)
     ep = sample_episode(catalog, parent, list(spec.new_classes), spec.shots, spec.seed, spec.dataset)
     base = list(parent.classes)
     test = load_eval_split(catalog, ep.dataset, "test", base, ep.new_classes, spec.test_images)
     val = load_eval_split(catalog, ep.dataset, "val", base, ep.new_classes, spec.val_images)
-    start = expand_parent(ep)
+    start = expand_parent(ep, device=device)
 
     trained: dict[tuple[str, bool], tuple[DetectorCheckpoint, list[dict]]] = {}
     rows = []
@@ -110,14 +119,16 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                                   distill_beta=spec.distill_beta if v.distill else 0.0,
                                   teacher_dim=teacher.embed_dim if teacher is not None else None)
             say(f"{spec.shots}-shot seed {spec.seed}: training {name}")
-            child = fine_tune_episode(ep, spec.train, method, start=start, teacher=teacher)
-            trained[v.training_key] = (child, predict(child, test))
+            child = fine_tune_episode(ep, spec.train, method, start=start, teacher=teacher,
+                                      device=device, precision=precision)
+            trained[v.training_key] = (child, predict(child, test, device=device, precision=precision))
         child, test_results = trained[v.training_key]
         fusion_weight = None
         if v.refine:
             from fewshot.clip.refinement import fit_refiner
 
-            refiner = fit_refiner(teacher, ep.child_classes, ep.child_ids, val, predict(child, val))
+            refiner = fit_refiner(teacher, ep.child_classes, ep.child_ids, val,
+                                  predict(child, val, device=device, precision=precision))
             fusion_weight = refiner.fusion_weight
             report = score(child, test, refiner=refiner, results=test_results)
         else:

@@ -26,6 +26,7 @@ from catalog.kshot import sample_support
 from fewshot.model.checkpoint import DetectorCheckpoint
 from fewshot.model.batches import class_index, rows_to_batch
 from fewshot.model.checkpoint import strip_training_heads
+from fewshot.model.devices import resolve_device
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, predict_rows
 from fewshot.model.expansion import expand_detector
 from fewshot.learning.method import MethodConfig, TeacherEmbedder, finetune
@@ -77,10 +78,11 @@ def sample_episode(catalog: Catalog, parent: DetectorCheckpoint, new_classes: Se
                    shots=shots, seed=seed, novel_rows=novel, replay_rows=replay_rows)
 
 
-def expand_parent(ep: Episode) -> DetectorCheckpoint:
-    """The parent with one imprinted classifier row per new class (the fine-tune's start)."""
+def expand_parent(ep: Episode, device: str | torch.device | None = None) -> DetectorCheckpoint:
+    """The parent with one imprinted classifier row per new class (the fine-tune's start); the
+    support features are computed on ``device`` (default: CUDA when available, else the CPU)."""
     torch.manual_seed(ep.seed)
-    model = ep.parent.build_model()
+    model = ep.parent.build_model().to(resolve_device(device))
     index = class_index(ep.child_ids)
     images, targets = rows_to_batch(ep.novel_rows, index)
     replay_images, replay_targets = rows_to_batch(ep.replay_rows, index)
@@ -91,8 +93,9 @@ def expand_parent(ep: Episode) -> DetectorCheckpoint:
 
 def to_checkpoint(model: torch.nn.Module, like: DetectorCheckpoint, classes: Sequence[str] | None = None,
                   category_ids: Sequence[int] | None = None, extra: dict | None = None) -> DetectorCheckpoint:
-    """An in-memory checkpoint of ``model`` (without training-only heads)."""
-    state = {k: v.detach().clone() for k, v in strip_training_heads(model.state_dict()).items()}
+    """An in-memory checkpoint of ``model`` (without training-only heads), on the CPU whatever
+    device the model is on (it is pickled to Tune trials and Ray tasks)."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in strip_training_heads(model.state_dict()).items()}
     return replace(like, classes=list(classes or like.classes),
                    category_ids=list(category_ids or like.category_ids), state_dict=state,
                    extra=dict(like.extra if extra is None else extra))
@@ -101,31 +104,38 @@ def to_checkpoint(model: torch.nn.Module, like: DetectorCheckpoint, classes: Seq
 def fine_tune_episode(ep: Episode, cfg: TrainConfig, method: MethodConfig, *,
                       start: DetectorCheckpoint | None = None, teacher=None,
                       on_log: Callable[[int, dict[str, float]], None] | None = None,
-                      progress: bool = False) -> DetectorCheckpoint:
+                      progress: bool = False, device: str | torch.device | None = None,
+                      precision: str = "auto") -> DetectorCheckpoint:
     """Fine-tune the expanded parent (``start``, default :func:`expand_parent`) on the
-    episode's support rows; ``teacher`` (needed when ``method`` distils) embeds the support
-    boxes for the distillation targets."""
-    start = start or expand_parent(ep)
+    episode's support rows on ``device`` (default: CUDA when available, else the CPU) at
+    ``precision``; ``teacher`` (needed when ``method`` distils) embeds the support boxes for the
+    distillation targets."""
+    start = start or expand_parent(ep, device=device)
     rows = ep.rows
     if method.distills:
         if teacher is None:
             raise ValueError("this method distils (beta > 0): pass the teacher")
         rows = TeacherEmbedder(teacher)(rows)
-    model = finetune(start, rows, cfg, method, seed=ep.seed, on_log=on_log, progress=progress)
+    model = finetune(start, rows, cfg, method, seed=ep.seed, on_log=on_log, progress=progress,
+                     device=device, precision=precision)
     return to_checkpoint(model, start)
 
 
-def predict(checkpoint: DetectorCheckpoint, split: EvalSplit, batch_size: int = 8) -> list[dict]:
-    """COCO results of ``checkpoint`` on ``split``'s images."""
+def predict(checkpoint: DetectorCheckpoint, split: EvalSplit, batch_size: int = 8, *,
+            device: str | torch.device | None = None, precision: str = "fp32") -> list[dict]:
+    """COCO results of ``checkpoint`` on ``split``'s images, run on ``device`` (default: CUDA
+    when available, else the CPU) at ``precision`` (the one the version was validated with)."""
     return predict_rows(checkpoint.build_model(), split.rows, checkpoint.category_ids,
-                        batch_size=batch_size)
+                        batch_size=batch_size, device=device, precision=precision)
 
 
 def score(checkpoint: DetectorCheckpoint, split: EvalSplit, refiner=None,
-          results: list[dict] | None = None) -> EvalReport:
+          results: list[dict] | None = None, *, device: str | torch.device | None = None,
+          precision: str = "fp32") -> EvalReport:
     """bAP/nAP of ``checkpoint`` on ``split``; with ``refiner`` (:class:`fewshot.clip.refinement.Refiner`)
-    the scores are fused with CLIP's at the refiner's weight first."""
-    results = predict(checkpoint, split) if results is None else results
+    the scores are fused with CLIP's at the refiner's weight first. ``device``/``precision``:
+    where and how the predictions are made when ``results`` is not given."""
+    results = predict(checkpoint, split, device=device, precision=precision) if results is None else results
     if refiner is not None:
         from fewshot.clip.refinement import refine_results
 
@@ -133,7 +143,8 @@ def score(checkpoint: DetectorCheckpoint, split: EvalSplit, refiner=None,
     return split.evaluate(results)
 
 
-def refine_checkpoint_file(path, teacher, val_split: EvalSplit, results: list[dict] | None = None):
+def refine_checkpoint_file(path, teacher, val_split: EvalSplit, results: list[dict] | None = None, *,
+                           device: str | torch.device | None = None, precision: str = "fp32"):
     """Fit CLIP refinement for the detector saved at ``path`` on ``val_split`` (its
     predictions there: ``results``, computed when not given), choose the fusion weight there
     (:func:`fewshot.clip.refinement.fit_refiner`), and store the refiner in the file's
@@ -143,7 +154,7 @@ def refine_checkpoint_file(path, teacher, val_split: EvalSplit, results: list[di
 
     checkpoint = load_checkpoint(path)
     print(f"choosing the CLIP fusion weight on {len(val_split.rows)} val images ...", flush=True)
-    results = predict(checkpoint, val_split) if results is None else results
+    results = predict(checkpoint, val_split, device=device, precision=precision) if results is None else results
     refiner = fit_refiner(teacher, checkpoint.classes, checkpoint.category_ids, val_split, results)
     update_extra(path, refiner.to_extra())
     return refiner

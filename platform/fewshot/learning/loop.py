@@ -5,6 +5,13 @@ returns its loss dict; the loop sums it, steps the optimizer with linear warm-up
 decay, clips gradients, and reports smoothed losses (and whatever the balancer applied) to a
 callback every ``log_every`` steps. The same loop serves base training and few-shot fine-tuning
 (what trains is decided by requires_grad, see ``fewshot.learning.freezing``), inside or outside Ray.
+
+Devices and precision (:mod:`fewshot.model.devices`): ``train`` takes the device the model runs
+on (a Ray Train worker passes ``ray.train.torch.get_device()``; in-process callers an explicit
+device, CUDA when available by default) and moves every batch there before the model sees it;
+the forward pass runs under autocast at the run's precision (fp16 with a gradient scaler).
+A step never waits for the device: losses stay tensors and reach the host once per
+``log_every`` steps.
 """
 from __future__ import annotations
 
@@ -16,6 +23,9 @@ import torch
 from torch import nn
 
 from catalog.progress import progress_bar
+from fewshot.model.devices import (
+    autocast, configure_backends, grad_scaler, model_device, move_batch, resolve_device, resolve_precision,
+)
 
 
 @dataclass(frozen=True)
@@ -94,19 +104,48 @@ def train_step(
     images: list[torch.Tensor],
     targets: list[dict[str, torch.Tensor]],
     grad_clip: float,
-) -> dict[str, float]:
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    scaler: "torch.amp.GradScaler | None" = None,
+) -> dict[str, torch.Tensor]:
+    """One optimizer step; returns the detached losses as tensors on the device (no host sync:
+    the caller converts them at its logging interval).
+
+    ``device``: the batch is moved there first (:func:`fewshot.model.devices.move_batch`; None
+    leaves it where it is). ``precision``: the forward pass runs under ``torch.autocast`` for
+    bf16/fp16; ``scaler`` (fp16) scales the loss and skips steps whose gradients overflowed."""
+    if device is not None:
+        images, targets = move_batch(images, targets, device)
     model.train()
-    loss_dict = model(images, targets)
+    with autocast(device if device is not None else model_device(model), precision):
+        loss_dict = model(images, targets)
     loss = sum(loss_dict.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()}: {({k: v.item() for k, v in loss_dict.items()})}")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trainable_parameters(model), grad_clip)
-    optimizer.step()
-    out = {k: float(v.detach()) for k, v in loss_dict.items()}
-    out["loss"] = float(loss.detach())
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    out = {k: v.detach() for k, v in loss_dict.items()}
+    out["loss"] = loss.detach()
+    return out
+
+
+def _host(metrics: dict) -> dict[str, float]:
+    """Tensors and floats -> floats, with one device sync for all the tensors."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
+        out.update(zip(keys, values))
     return out
 
 
@@ -119,23 +158,48 @@ def train(
     progress: bool = True,
     start_step: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    scaler: "torch.amp.GradScaler | None" = None,
 ) -> dict[str, float]:
-    """Run steps ``start_step``..``cfg.steps``; returns the last smoothed metrics."""
+    """Run steps ``start_step``..``cfg.steps``; returns the last smoothed metrics.
+
+    ``device`` (default: CUDA when available, else the CPU; a Ray Train worker passes
+    ``ray.train.torch.get_device()``): the model is moved there and every batch is moved there
+    before it reaches the model. ``precision``: auto/fp32/bf16/fp16
+    (:func:`fewshot.model.devices.resolve_precision`). Losses stay on the device; they are
+    brought to the host (one sync), checked for NaN/inf and smoothed-logged every
+    ``cfg.log_every`` steps and at the last step."""
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    configure_backends(device)
+    model.to(device)
+    if scaler is None:
+        scaler = grad_scaler(device, precision)
     optimizer = optimizer or make_optimizer(model, cfg)
-    smoothed: dict[str, float] = {}
+    smoothed: dict = {}
+    host: dict[str, float] = {}
     bar = progress_bar(cfg.steps, "train", "step", initial=start_step, disable=not progress)
     for step in range(start_step, cfg.steps):
         images, targets = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        metrics = train_step(model, optimizer, images, targets, cfg.grad_clip)
+        metrics: dict = train_step(model, optimizer, images, targets, cfg.grad_clip,
+                                   device=device, precision=precision, scaler=scaler)
         if extra_metrics is not None:
             metrics.update(extra_metrics())
         for k, v in metrics.items():
             smoothed[k] = v if k not in smoothed else 0.9 * smoothed[k] + 0.1 * v
         bar.update(1)
-        bar.set_postfix(loss=f"{smoothed['loss']:.3f}", refresh=False)
-        if on_log is not None and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps):
-            on_log(step + 1, {**smoothed, "lr": optimizer.param_groups[0]["lr"]})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            host = _host(smoothed)
+            if not math.isfinite(host["loss"]):
+                raise FloatingPointError(
+                    f"the loss became {host['loss']} by step {step + 1} (smoothed losses: {host}); "
+                    "lower the learning rate" + ("" if precision == "fp32" else " or train with --precision fp32"))
+            bar.set_postfix(loss=f"{host['loss']:.3f}", refresh=False)
+            if on_log is not None:
+                on_log(step + 1, {**host, "lr": optimizer.param_groups[0]["lr"]})
     bar.close()
-    return smoothed
+    return host

@@ -32,7 +32,8 @@ from torch import nn
 
 from catalog.schema import TEACHER_EMB_COLUMN
 from fewshot.model.checkpoint import DetectorCheckpoint
-from fewshot.model.batches import class_index, random_batches
+from fewshot.model.batches import class_index, prefetch, random_batches
+from fewshot.model.devices import pin_batch, resolve_device
 from fewshot.clip.distillation import DistillationHead, attach_distillation, roi_feature_dim
 from fewshot.balancers import balancer_names
 from fewshot.learning.freezing import POLICIES, apply_freezing
@@ -167,17 +168,25 @@ def finetune(
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = False,
     model: nn.Module | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
 ) -> nn.Module:
     """Train ``start`` (or ``model``, already built from it) on catalog ``rows`` in this
-    process; returns the trained model in eval mode, distillation head still attached
+    process on ``device`` (default: CUDA when available, else the CPU) at ``precision``;
+    returns the trained model (on ``device``) in eval mode, distillation head still attached
     (``save_checkpoint`` drops it). ``rows`` may carry ``teacher_emb``."""
+    device = resolve_device(device)
     torch.manual_seed(seed)
     model = model if model is not None else start.build_model()
     balancer = prepare_for_training(model, method)
+    model.to(device)  # after prepare_for_training: the distillation head moves too
     optimizer = make_optimizer(model, cfg)
-    batches = random_batches(list(rows), class_index(start.category_ids), cfg.batch_size, seed)
+    batches = random_batches(list(rows), class_index(start.category_ids), cfg.batch_size, seed,
+                             uint8=True)
+    if device.type == "cuda":  # decode and pin the next batches while the GPU runs this one
+        batches = prefetch(batches, depth=2, fn=lambda b: pin_batch(*b))
     train(model, batches, cfg, on_log=on_log, extra_metrics=balancer_metrics(balancer),
-          progress=progress, optimizer=optimizer)
+          progress=progress, optimizer=optimizer, device=device, precision=precision)
     model.eval()
     return model
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fewshot.model.batches import decode_row_image
+from fewshot.model.batches import decode_row_image_uint8
+from fewshot.model.devices import autocast, move_batch, resolve_device, resolve_precision
 
 
 @dataclass
@@ -54,15 +55,26 @@ def predict_rows(
     rows: Iterable[Mapping],
     label_to_category: Sequence[int],
     batch_size: int = 8,
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> list[dict]:
-    """Run the detector over catalog rows; COCO result dicts (category ids, xywh boxes)."""
-    model.eval()
+    """Run the detector over catalog rows on ``device`` (default: CUDA when available, else the
+    CPU; the model is moved there) at ``precision`` (autocast for bf16/fp16: evaluate a
+    version in the precision it was validated with); COCO result dicts (category ids, xywh
+    boxes). Images are decoded to uint8 on the host and become float on the device."""
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    model.to(device).eval()
     results: list[dict] = []
     batch: list[Mapping] = []
 
     def flush():
-        images = [decode_row_image(r["image"]) for r in batch]
-        for row, out in zip(batch, model(images)):
+        images, _ = move_batch([decode_row_image_uint8(r["image"]) for r in batch], None, device)
+        with autocast(device, precision):
+            outputs = model(images)
+        for row, out in zip(batch, outputs):
+            out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
             boxes = out["boxes"].tolist()
             for (x1, y1, x2, y2), label, score in zip(boxes, out["labels"].tolist(), out["scores"].tolist()):
                 results.append({
@@ -176,9 +188,11 @@ def evaluate_checkpoint_on_split(
     novel_names: Sequence[str] = (),
     batch_size: int = 8,
     max_images: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
 ) -> EvalReport:
     """Evaluate a ``DetectorCheckpoint`` on a catalog split, base/novel by class name."""
     es = load_eval_split(catalog, dataset, split, base_names, novel_names, max_images)
     results = predict_rows(checkpoint.build_model(), es.rows, checkpoint.category_ids,
-                           batch_size=batch_size)
+                           batch_size=batch_size, device=device, precision=precision)
     return es.evaluate(results)

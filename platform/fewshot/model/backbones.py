@@ -8,6 +8,7 @@ file or a torchvision weights name when the user has them (nothing is downloaded
 from __future__ import annotations
 
 from collections import OrderedDict
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,7 +58,12 @@ def _resnet50_fpn(config: DetectorConfig) -> nn.Module:
             state_file = Path(config.backbone_weights)
         else:
             name = config.backbone_weights.split(".")[-1]
-            weights = ResNet50_Weights[name]  # resolves locally; torch hub cache must hold it
+            weights = ResNet50_Weights[name]
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            if not cached.is_file():  # nothing is downloaded here: train from scratch instead
+                warnings.warn(f"{config.backbone_weights} is not in the torchvision cache ({cached}); "
+                              "the ResNet-50 backbone trains from scratch", stacklevel=2)
+                weights = None
     backbone = resnet_fpn_backbone(
         backbone_name="resnet50",
         weights=weights,

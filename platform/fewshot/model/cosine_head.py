@@ -36,7 +36,10 @@ class CosineClassifier(nn.Module):
         return torch.cat([self.weight_old, self.weight_new], dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(x, dim=1) @ F.normalize(self.weight(), dim=1).t()
+        # fp32 even under autocast: scale * cosine in bf16 would move logits by ~0.1 (tiny matmul)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            w = self.weight().float()
+            return self.scale * F.normalize(x.float(), dim=1) @ F.normalize(w, dim=1).t()
 
     @torch.no_grad()
     def expand(self, new_rows: torch.Tensor) -> None:
@@ -56,8 +59,10 @@ class CosineClassifier(nn.Module):
             key = prefix + name
             if key in state_dict:
                 current = getattr(self, name)
+                # on this module's device: a model already on a GPU loads a CPU checkpoint
                 setattr(self, name, nn.Parameter(
-                    torch.empty_like(state_dict[key]), requires_grad=current.requires_grad))
+                    torch.empty(state_dict[key].shape, dtype=current.dtype, device=current.device),
+                    requires_grad=current.requires_grad))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -110,5 +115,6 @@ class CosineBoxPredictor(nn.Module):
             # a fewshot.balancers.TaskBalancer, attached for training only
             x_cls, x_reg = self.balancer.split(x)
         scores = self.cls_score(x_cls)
-        deltas = self.bbox_pred(x_reg)
+        # box deltas in fp32 under autocast: decoded bf16 boxes would snap to several pixels
+        deltas = self.bbox_pred(x_reg).float()
         return scores, deltas.repeat(1, self.num_classes)

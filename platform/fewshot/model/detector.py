@@ -89,6 +89,14 @@ class FewShotRoIHeads(RoIHeads):
         return result, losses
 
 
+def _rpn_outputs_fp32(module, inputs, output):
+    """Forward hook on the RPN head: objectness and box deltas in fp32 under autocast (the box
+    coder decodes in the deltas' dtype; bf16 proposals would be off by several pixels). A no-op
+    for fp32 tensors, so fp32 results are unchanged."""
+    logits, deltas = output
+    return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 def build_detector(config: DetectorConfig, num_classes: int) -> FasterRCNN:
     """A Faster R-CNN with ``num_classes`` rows (background included) in its cosine classifier."""
     backbone = build_backbone(config)
@@ -140,6 +148,7 @@ def build_detector(config: DetectorConfig, num_classes: int) -> FasterRCNN:
         nms_thresh=config.box_nms_thresh,
         detections_per_img=config.box_detections_per_img,
     )
+    model.rpn.head.register_forward_hook(_rpn_outputs_fp32)
     return model
 
 

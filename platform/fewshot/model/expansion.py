@@ -12,15 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewshot.model.cosine_head import imprint_rows
+from fewshot.model.devices import model_device, move_batch
 
 
 @torch.no_grad()
 def support_roi_features(
     model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box-head features of the ground-truth boxes: ([N, D], labels [N])."""
+    """Box-head features of the ground-truth boxes: ([N, D], labels [N]), computed on the
+    model's device (the support batch is moved there) in fp32."""
     was_training = model.training
     model.eval()
+    images, targets = move_batch(images, targets, model_device(model))
     image_list, resized = model.transform(images, [dict(t) for t in targets])
     features = model.backbone(image_list.tensors)
     boxes = [t["boxes"] for t in resized]

@@ -41,9 +41,10 @@ from catalog.kshot import count_instances, sample_support
 from catalog.overlap import SharedImagesError, assert_disjoint
 from catalog.schema import TEACHER_EMB_COLUMN
 from fewshot.backends import promotion, ray_train, registry, tracking
-from fewshot.backends.cluster import ClusterOptions, ensure_ray
+from fewshot.backends.cluster import ClusterOptions, ensure_ray, predict_on
+from fewshot.backends.ray_train import PRECISION_KEY
 from fewshot.clip.refinement import EXTRA_KEY as REFINER_KEY
-from fewshot.learning.episode import Episode, expand_parent, predict, refine_checkpoint_file, score
+from fewshot.learning.episode import Episode, expand_parent, refine_checkpoint_file, score
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodConfig, MethodOptions, TeacherEmbedder
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, load_eval_split
@@ -134,6 +135,46 @@ class AddClassesResult:
     reason: str
     gate: GateFigures
     child: dict                   # reported figures (test, else val), as served
+    timings: dict = field(default_factory=dict)  # stage -> seconds (also MLflow metrics time/<stage>_s)
+    precision: str = "fp32"       # the precision the child trained and was evaluated in (version tag)
+
+
+STAGES = ("validate", "expand", "finetune", "refine_fit", "evaluate", "register")
+
+
+class _Clock:
+    """Wall time per stage: ``with clock("finetune"): ...``; ``clock.timings`` in seconds."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._open: tuple[str, float] | None = None
+
+    def start(self, stage: str) -> None:
+        import time
+
+        self._open = (stage, time.perf_counter())
+
+    def stop(self) -> None:
+        import time
+
+        if self._open is not None:
+            stage, t0 = self._open
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+            self._open = None
+
+    def __call__(self, stage: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def timed():
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+        return timed()
 
 
 def apply_tuned_config(opts: AddClassesOptions, mlflow_uri: str) -> tuple[AddClassesOptions, str]:
@@ -286,25 +327,29 @@ class _Scores:
     unrefined: EvalReport
 
 
-def _score_both(ckpt: DetectorCheckpoint, split: EvalSplit, refiner) -> _Scores:
-    """One prediction pass; the served figures apply ``refiner`` when there is one."""
-    results = predict(ckpt, split)
+def _score_both(ckpt: DetectorCheckpoint, split: EvalSplit, refiner, cluster: ClusterOptions) -> _Scores:
+    """One prediction pass (on the job's device, in the version's own precision); the served
+    figures apply ``refiner`` when there is one."""
+    results = predict_on(cluster, ckpt, split, ckpt.extra.get(PRECISION_KEY, "fp32"))
     raw = score(ckpt, split, results=results)
     return _Scores(served=score(ckpt, split, refiner=refiner, results=results) if refiner is not None else raw,
                    unrefined=raw)
 
 
 def run_add_classes(opts: AddClassesOptions) -> AddClassesResult:
-    plan = validate(opts)
+    clock = _Clock()
+    with clock("validate"):
+        plan = validate(opts)
     try:
-        return _run(plan)
+        return _run(plan, clock)
     finally:
         import shutil
 
         shutil.rmtree(plan.work, ignore_errors=True)
 
 
-def _run(plan: Plan) -> AddClassesResult:
+def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
+    clock = clock or _Clock()
     opts, store = plan.opts, plan.opts.store
     catalog = Catalog(store.catalog)
     parent_ckpt = plan.parent_ckpt
@@ -316,6 +361,7 @@ def _run(plan: Plan) -> AddClassesResult:
         parent_cs = ClassSet.create(plan.dataset, parent_ckpt.classes)
     class_set = extend(parent_cs, plan.new_classes)
 
+    clock.start("expand")
     novel_rows, replay_rows = sample_support(plan.train_table, plan.new_ids, plan.old_ids, opts.shots,
                                              opts.seed, replay=opts.replay)
     for split, name in ((plan.val, "val"), (plan.test, "test")):
@@ -329,12 +375,13 @@ def _run(plan: Plan) -> AddClassesResult:
     episode = Episode(parent=parent_ckpt, dataset=plan.dataset, new_classes=plan.new_classes,
                       new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
                       novel_rows=novel_rows, replay_rows=replay_rows)
-    start = expand_parent(episode)  # one imprinted classifier row per new class
+    start = expand_parent(episode, device=opts.cluster.device())  # one imprinted row per new class
     # the parent's refiner knew the old classes only: the child gets its own (or none)
     extra = {k: v for k, v in parent_ckpt.extra.items() if k != REFINER_KEY}
     init_path = save_checkpoint(plan.work / "init.pt", start.build_model(), start.config, child_classes,
                                 child_ids, plan.dataset, class_set.id, extra)
     method = plan.method
+    clock.stop()
 
     ensure_ray(opts.cluster.ray_address)
     run_name = f"add-{'+'.join(plan.new_classes)}-{opts.shots}shot-s{opts.seed}"
@@ -350,9 +397,11 @@ def _run(plan: Plan) -> AddClassesResult:
             "refine": plan.refine, "config_source": plan.config_source,
             "val_images": len(plan.val.rows), "test_images": len(plan.test.rows) if plan.test else 0,
             **{k: ("none" if v is None else v) for k, v in method.to_dict().items()},
-            **opts.train.to_dict(),
+            **opts.train.to_dict(), "gpu": opts.cluster.gpu, "gpus_per_worker": opts.cluster.gpus,
+            "precision_option": opts.cluster.precision,
         })
         rows = novel_rows + replay_rows
+        clock.start("finetune")
         schema = IMAGE_SCHEMA
         if method.distills:
             print(f"embedding {sum(len(r['boxes']) for r in rows)} support boxes with the teacher ...",
@@ -370,19 +419,24 @@ def _run(plan: Plan) -> AddClassesResult:
               f"distill beta={method.distill_beta:g}) ...", flush=True)
         final = ray_train.fit(spec, dataset, opts.cluster, out_dir=plan.work / "child",
                               name=f"add-{run.info.run_id[:8]}")
+        clock.stop()
         kill_point("after_finetune")
         child_ckpt = load_checkpoint(final)
-        child_val_results = predict(child_ckpt, plan.val)
+        precision = child_ckpt.extra.get(PRECISION_KEY, "fp32")  # what the worker trained in
+        with clock("evaluate"):
+            child_val_results = predict_on(opts.cluster, child_ckpt, plan.val, precision)
         refiner = None
         if plan.refine:
-            refiner = refine_checkpoint_file(final, plan.teacher, plan.val, child_val_results)
-            child_ckpt = load_checkpoint(final)
+            with clock("refine_fit"):
+                refiner = refine_checkpoint_file(final, plan.teacher, plan.val, child_val_results)
+                child_ckpt = load_checkpoint(final)
         refine_tags = tracking.log_refinement(refiner) if refiner is not None else {}
 
         # the gate: val only, parent and child each as served and unrefined
         print(f"scoring parent and child on {len(plan.val.rows)} val images (the gate) ...", flush=True)
+        clock.start("evaluate")
         parent_val_split = _base_only(plan.val)
-        parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner)
+        parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster)
         child_val_raw = score(child_ckpt, plan.val, results=child_val_results)
         child_val = _Scores(served=score(child_ckpt, plan.val, refiner=refiner, results=child_val_results)
                             if refiner is not None else child_val_raw, unrefined=child_val_raw)
@@ -406,8 +460,8 @@ def _run(plan: Plan) -> AddClassesResult:
                                        "ones the gate used)"}
         if plan.test is not None:
             print(f"reporting on {len(plan.test.rows)} test images ...", flush=True)
-            parent_test = _score_both(parent_ckpt, _base_only(plan.test), plan.parent_refiner)
-            child_test = _score_both(child_ckpt, plan.test, refiner)
+            parent_test = _score_both(parent_ckpt, _base_only(plan.test), plan.parent_refiner, opts.cluster)
+            child_test = _score_both(child_ckpt, plan.test, refiner, opts.cluster)
             tracking.log_eval_report(parent_test.served, prefix="parent_test_")
             tracking.log_eval_report(child_test.served, prefix="test_", novel=set(plan.new_classes),
                                      parent_per_class=parent_test.served.per_class_AP50)
@@ -417,6 +471,8 @@ def _run(plan: Plan) -> AddClassesResult:
                            "unrefined_test_bAP50": f"{child_test.unrefined.bAP50:.4f}",
                            "unrefined_test_nAP50": f"{child_test.unrefined.nAP50:.4f}"}
 
+        clock.stop()
+        clock.start("register")
         method_tags = {"balancer": method.balancer or "none", "distill_beta": f"{method.distill_beta:g}",
                        "freeze": method.freeze, "config_source": plan.config_source,
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
@@ -433,7 +489,7 @@ def _run(plan: Plan) -> AddClassesResult:
                         "parent_bAP50": f"{figures.parent_served:.4f}",
                         "bAP50_change": f"{figures.served_change:.4f}",
                         "bAP50_change_unrefined": f"{figures.unrefined_change:.4f}",
-                        promotion.INCOMPLETE_TAG: "true",
+                        promotion.INCOMPLETE_TAG: "true", PRECISION_KEY: precision,
                         **method_tags, **refine_tags, **report_tags, **tracking.eval_tags(reported)},
         )
         kill_point("after_register")
@@ -441,7 +497,10 @@ def _run(plan: Plan) -> AddClassesResult:
                                      expected_champion=plan.parent.version, want_champion=passed,
                                      reason=reason)
         save_class_set(catalog, class_set)  # after the alias: a job killed before leaves the catalog as it was
-        tracking.set_tags({"registered_version": str(version.version), "alias": decision.alias})
+        tracking.set_tags({"registered_version": str(version.version), "alias": decision.alias,
+                           PRECISION_KEY: precision})
+        clock.stop()
+        tracking.log_metrics({f"time/{k}_s": v for k, v in clock.timings.items()})
 
     print(f"gate (val, {figures.images} images): {reason}", flush=True)
     print(f"child ({report_tags['report_split'].split(' ')[0]}): nAP50={reported.nAP50:.4f} "
@@ -454,8 +513,10 @@ def _run(plan: Plan) -> AddClassesResult:
         print(f"registered {store.model_name} version {version.version} as 'candidate', NOT promoted: "
               f"{decision.reason}", flush=True)
     version = registry.get_version(store.mlflow_uri, store.model_name, version.version)
+    print("stage wall times: " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.timings.items()), flush=True)
     return AddClassesResult(version=version, promoted=decision.promoted, reason=decision.reason,
-                            gate=figures, child=reported.headline())
+                            gate=figures, child=reported.headline(), timings=dict(clock.timings),
+                            precision=precision)
 
 
 def _base_only(split: EvalSplit) -> EvalSplit:

@@ -21,8 +21,9 @@ from catalog import Catalog, DatasetManifest
 from catalog.class_sets import ClassSet, save_class_set
 from catalog.teacher_cache import build_teacher_cache, has_teacher_cache, join_teacher_embeddings
 from fewshot.backends import promotion, ray_train, registry, tracking
-from fewshot.backends.cluster import ClusterOptions, ensure_ray
-from fewshot.learning.episode import predict, refine_checkpoint_file, score
+from fewshot.backends.cluster import ClusterOptions, ensure_ray, predict_on
+from fewshot.backends.ray_train import PRECISION_KEY
+from fewshot.learning.episode import refine_checkpoint_file, score
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodConfig, MethodOptions
 from fewshot.metrics.coco_eval import load_eval_split
@@ -140,6 +141,7 @@ def _run(plan: Plan, work: Path) -> registry.VersionInfo:
         tracking.log_params({
             "dataset": dataset, "class_split": opts.class_split, "classes": classes,
             "preset": opts.preset, "num_workers": opts.cluster.num_workers, "seed": opts.seed,
+            "gpu": opts.cluster.gpu, "gpus_per_worker": opts.cluster.gpus, "precision_option": opts.cluster.precision,
             "teacher": plan.teacher.id if plan.teacher is not None else "none",
             **{k: ("none" if v is None else v) for k, v in plan.method.to_dict().items()},
             **config.to_dict(), **opts.train.to_dict(),
@@ -154,9 +156,12 @@ def _run(plan: Plan, work: Path) -> registry.VersionInfo:
         final = ray_train.fit(spec, _train_dataset(catalog, plan), opts.cluster, out_dir=work / "final",
                               name=f"base-{dataset}-{run.info.run_id[:8]}")
         refine_tags = {}
+        # the precision the workers trained in: the version is evaluated (and served) in it
+        precision = load_checkpoint(final).extra.get(PRECISION_KEY, "fp32")
         if plan.teacher is not None and opts.method.refine and plan.manifest.splits.get("val"):
             val = load_eval_split(catalog, dataset, "val", classes, max_images=opts.max_val_images)
-            refiner = refine_checkpoint_file(final, plan.teacher, val)
+            refiner = refine_checkpoint_file(
+                final, plan.teacher, val, predict_on(opts.cluster, load_checkpoint(final), val, precision))
             refine_tags = tracking.log_refinement(refiner)
         else:
             refiner = None
@@ -164,7 +169,7 @@ def _run(plan: Plan, work: Path) -> registry.VersionInfo:
         model_ckpt = load_checkpoint(final)
         split = load_eval_split(catalog, dataset, report_split, classes,
                                 max_images=opts.max_test_images if report_split == "test" else opts.max_val_images)
-        results = predict(model_ckpt, split)
+        results = predict_on(opts.cluster, model_ckpt, split, precision)
         report = score(model_ckpt, split, results=results)
         if refiner is not None:
             tracking.log_metrics({f"unrefined_{k}": v for k, v in report.headline().items()})
@@ -179,7 +184,7 @@ def _run(plan: Plan, work: Path) -> registry.VersionInfo:
             extra_tags={"dataset": dataset, "job": "base_train", "seed": str(opts.seed),
                         "balancer": plan.method.balancer or "none",
                         "distill_beta": f"{plan.method.distill_beta:g}", "report_split": report_split,
-                        promotion.INCOMPLETE_TAG: "true", **refine_tags, **tracking.eval_tags(report)},
+                        promotion.INCOMPLETE_TAG: "true", PRECISION_KEY: precision, **refine_tags, **tracking.eval_tags(report)},
         )
         promotion.promote(store.mlflow_uri, store.model_name, version.version, expected_champion=None,
                           want_champion=True, reason="base training: a new base model is the champion")

@@ -90,7 +90,8 @@ class TuneOptions:
     num_samples: int = 8
     """Configurations (trials) to try."""
     max_concurrent: int = 1
-    """Trials running at the same time (each also needs --cpus-per-worker free CPUs)."""
+    """Trials running at the same time (each also needs --cpus-per-worker free CPUs, and
+    --gpus-per-worker GPUs with --gpu)."""
     max_steps: int = 150
     """Longest fine-tune; the steps dimension samples ~1/4, 1/2, 3/4 and all of it (multiples of
     --eval-every). ASHA's max_t."""
@@ -231,7 +232,7 @@ def _prepare(opts: TuneOptions) -> _Prepared:
 
 def _payload(prep: _Prepared, opts: TuneOptions) -> TrialPayload:
     ep = sample_episode(prep.catalog, prep.parent, prep.classes, opts.shots, opts.seed, dataset=prep.dataset)
-    start = expand_parent(ep)
+    start = expand_parent(ep, device=opts.cluster.device())
     rows_t = TeacherEmbedder(prep.teacher)(ep.rows) if prep.teacher is not None else None
     val = load_eval_split(prep.catalog, prep.dataset, "val", list(prep.parent.classes), prep.classes,
                           max_images=opts.val_images)
@@ -242,7 +243,8 @@ def _payload(prep: _Prepared, opts: TuneOptions) -> TrialPayload:
     return TrialPayload(start=start, rows=ep.rows, rows_with_teacher=rows_t,
                         teacher_dim=prep.teacher.embed_dim if prep.teacher is not None else None,
                         val=val, method=opts.trial_method, train=opts.trial_train, seed=opts.seed,
-                        eval_every=opts.eval_every, threads=opts.cluster.cpus_per_worker)
+                        eval_every=opts.eval_every, threads=opts.cluster.cpus_per_worker,
+                        gpus=opts.cluster.gpus, precision=opts.cluster.precision)
 
 
 def run_tune(opts: TuneOptions) -> TuneResult:
@@ -269,7 +271,8 @@ def run_tune(opts: TuneOptions) -> TuneResult:
             "freeze": opts.freeze, "batch_size": opts.batch_size, "metric": opts.metric, "tune_split": "val",
             "parent_version": prep.parent_version.version, "val_images": len(payload.val.rows),
             "num_samples": opts.num_samples, "max_concurrent": opts.max_concurrent,
-            "cpus_per_trial": cpus, "max_steps": opts.max_steps,
+            "cpus_per_trial": cpus, "gpus_per_trial": opts.cluster.gpus, "precision": opts.cluster.precision,
+            "max_steps": opts.max_steps,
             "eval_every": opts.eval_every, "grace_period": opts.grace,
             "reduction_factor": opts.reduction_factor, "teacher": opts.teacher_spec or "none",
             "search_space": describe_space(space), "scheduler": "ASHA",
@@ -283,7 +286,7 @@ def run_tune(opts: TuneOptions) -> TuneResult:
               f"max {opts.max_steps}); MLflow parent run {parent_id}", flush=True)
         trials = run_search(payload, space, logger, metric=opts.metric, num_samples=opts.num_samples,
                             max_concurrent=opts.max_concurrent, cpus_per_trial=cpus,
-                            max_steps=opts.max_steps, grace=opts.grace,
+                            max_steps=opts.max_steps, grace=opts.grace, gpus_per_trial=opts.cluster.gpus,
                             reduction_factor=opts.reduction_factor, seed=opts.seed,
                             name=f"fewshot-tune-{parent_id[:8]}", storage_path=storage_path,
                             storage_filesystem=storage_fs,
@@ -350,7 +353,8 @@ def compare_configs(prep: _Prepared, opts: TuneOptions, best_config: dict,
         print(f"[tune] {key[0]} seed {key[1]}: {split} HM={figures['HM']:.4f} HM50={figures['HM50']:.4f} "
               f"({n}/{total})", flush=True)
 
-    per = run_finetunes(jobs, test, opts.cluster.cpus_per_worker, on_done=done)
+    per = run_finetunes(jobs, test, opts.cluster.cpus_per_worker, on_done=done, gpus=opts.cluster.gpus,
+                        precision=opts.cluster.precision)
 
     def table(name):
         rows = [per[(name, s)] for s in seeds]
