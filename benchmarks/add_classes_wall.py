@@ -135,13 +135,20 @@ def main(args) -> int:
                     train=TrainConfig(steps=args.steps, batch_size=8, lr=5e-4, warmup_steps=20, log_every=10),
                     method=MethodOptions(teacher=teacher), max_test_images=args.max_test_images)
                 t = time.perf_counter()
-                result = run_add_classes(opts)
+                try:
+                    result = run_add_classes(opts)
+                except Exception as err:  # noqa: BLE001 - e.g. Ray's OOM killer on a shared box
+                    print(f"repeat {i} FAILED after {time.perf_counter() - t:.0f} s: {err!r:.300}", flush=True)
+                    continue
                 total = time.perf_counter() - t
                 runs.append({**result.timings, "total": total, "precision": result.precision})
                 print(f"repeat {i}: {total:.1f} s " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()),
                       flush=True)
         finally:
             ray.shutdown()
+    if not runs:
+        print("no repeat finished", file=sys.stderr)
+        return 1
     device = torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else \
         f"CPU ({_platform.machine()}, {os.cpu_count()} cores)"
     print(f"\ndevice: {device}; precision {runs[0]['precision']}; torch {torch.__version__}; ray {ray.__version__}; "
