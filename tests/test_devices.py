@@ -293,3 +293,30 @@ def test_decoded_pixels_give_the_same_batch_as_encoded_bytes(small):
         assert torch.equal(a, b)
     for a, b in zip(a_targets, b_targets):
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_a_version_answers_in_the_precision_it_was_validated_in():
+    """Serve and the pyfunc build ``Detector(checkpoint, device)``: the version's recorded
+    precision is used, fp16 falls back to fp32 without CUDA, and no record means fp32."""
+    import dataclasses
+
+    import pytest as _pytest
+
+    from fewshot.model.checkpoint import DetectorCheckpoint
+    from fewshot.model.detector import build_detector
+    from fewshot.model.inference import Detector
+    from fewshot.model.presets import preset
+
+    cfg = dataclasses.replace(preset("cpu-small"), backbone_width=8, backbone_out_channels=16,
+                              representation_size=32)
+    state = build_detector(cfg, 3).state_dict()
+
+    def ckpt(extra):
+        return DetectorCheckpoint(config=cfg, classes=["a", "b"], category_ids=[1, 2], dataset="d",
+                                  class_set="cs", state_dict=state, extra=extra)
+
+    assert Detector(ckpt({}), device="cpu").precision == "fp32"
+    assert Detector(ckpt({"precision": "bf16"}), device="cpu").precision == "bf16"
+    with _pytest.warns(RuntimeWarning, match="validated in fp16"):
+        assert Detector(ckpt({"precision": "fp16"}), device="cpu").precision == "fp32"
+    assert Detector(ckpt({"precision": "bf16"}), device="cpu", precision="fp32").precision == "fp32"

@@ -23,6 +23,7 @@ def _image() -> bytes:
 def test_old_pyfunc_model_loads_and_predicts_the_same():
     expected = json.loads((FIXTURE / "legacy_pyfunc_v0.expected.json").read_text())["predictions"]
     model = mlflow.pyfunc.load_model(str(FIXTURE / "legacy_pyfunc_v0"))
+    assert type(model.unwrap_python_model()).__qualname__ == "DetectorPyfunc"
     got = model.predict([_image()])
     assert len(got) == 1 and len(got[0]) > 0
 

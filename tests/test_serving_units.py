@@ -3,7 +3,6 @@ the pyfunc flavour (legacy versions included) and the serve configs."""
 from __future__ import annotations
 
 import io
-import json
 import struct
 import zlib
 from pathlib import Path
@@ -146,18 +145,6 @@ def test_answers_are_in_upload_pixels(detector):
 
 
 # ---- the pyfunc flavour ----------------------------------------------------------------------
-
-def test_legacy_pyfunc_version_still_loads_and_answers_the_same():
-    import mlflow.pyfunc
-    import pandas as pd
-
-    model = mlflow.pyfunc.load_model(str(ROOT / "tests/fixtures/legacy_pyfunc_v0"))
-    expected = json.loads((ROOT / "tests/fixtures/legacy_pyfunc_v0.expected.json").read_text())
-    img = Image.new("RGB", tuple(expected["image"]["size"]), tuple(expected["image"]["rgb"]))
-    assert type(model.unwrap_python_model()).__qualname__ == "DetectorPyfunc"
-    assert model.predict(pd.DataFrame({"image": [encode(img)]})) == expected["predictions"]
-    assert model.predict([encode(img)]) == expected["predictions"]
-
 
 def test_pyfunc_signature_has_params():
     from fewshot.backends.pyfunc import input_example, signature

@@ -14,20 +14,29 @@ class Detector:
     """A detector ready to answer: ``predict`` takes RGB images (PIL, HxWx3 uint8, or tensors)."""
 
     def __init__(self, checkpoint: DetectorCheckpoint, device: str | torch.device | None = None,
-                 precision: str = "fp32"):
+                 precision: str | None = None):
         """``device``: default CUDA when available, else the CPU. ``precision``: fp32, bf16 or
-        fp16 (autocast); serve a version in the precision it was validated with (its registry
-        tag ``precision``)."""
+        fp16 (autocast); None (default) answers in the precision the version was validated in
+        (``checkpoint.extra["precision"]``, the registry tag ``precision``; fp32 when absent),
+        except fp16 on a device without CUDA, which falls back to fp32 with a warning."""
         self.checkpoint = checkpoint
         self.classes = list(checkpoint.classes)
         self.device = resolve_device(device)
+        if precision is None:
+            precision = str(checkpoint.extra.get("precision") or "fp32")
+            if precision == "fp16" and self.device.type != "cuda":
+                import warnings
+
+                warnings.warn(f"this version was validated in fp16, which needs CUDA; answering in fp32 "
+                              f"on {self.device}", RuntimeWarning, stacklevel=2)
+                precision = "fp32"
         self.precision = resolve_precision(precision, self.device)
         self.model = checkpoint.build_model().to(self.device)
         self.model.eval()
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | torch.device | None = None,
-                  precision: str = "fp32") -> "Detector":
+                  precision: str | None = None) -> "Detector":
         return cls(load_checkpoint(path), device=device, precision=precision)
 
     def _to_tensor(self, image) -> torch.Tensor:
