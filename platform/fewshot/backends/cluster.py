@@ -2,12 +2,13 @@
 
 :class:`ClusterOptions` is declared once; the workflows compose it into their options and
 the jobs turn it into flags (``--ray-address``, ``--num-workers``, ``--cpus-per-worker``,
-``--gpu``, ``--storage-path``), with per-job defaults.
+``--gpu``, ``--placement-strategy``, ``--storage-path``), with per-job defaults.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import ray
 import ray.data
@@ -26,6 +27,10 @@ class ClusterOptions:
     """CPUs (torch threads) per worker."""
     gpu: bool = False
     """One GPU per worker (on a GPU cluster)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers' placement group: PACK fills one node first (DDP traffic
+    stays local); SPREAD puts them on different nodes where it can; STRICT_SPREAD one worker a
+    node or not at all (waits for enough nodes)."""
     storage_path: str | None = None
     """Ray Train storage for checkpoints (default: a local temp dir; give shared storage, e.g.
     s3://bucket/prefix, on a multi-node cluster)."""

@@ -4,7 +4,8 @@ Each worker reads its shard of a Ray Data dataset (catalog Parquet rows), decode
 and runs the same explicit loop as a plain process would. Rank 0 logs losses (and the weights
 a balancer applied) to the MLflow run whose id it is given, shows a progress bar in the job
 log, and reports checkpoints through Ray Train every ``checkpoint_every`` steps so a worker
-failure resumes from the last one (``max_failures``). The final checkpoint is a
+failure resumes from the last one (``max_failures``; the restarted workers print "resumed at
+step N" and rank 0 logs ``<prefix>resumed_at_step``). The final checkpoint is a
 ``fewshot.model.checkpoint`` file (``detector.pt``) inside the Ray Train checkpoint directory.
 """
 from __future__ import annotations
@@ -124,6 +125,12 @@ def train_loop_per_worker(config: dict) -> None:
     index = class_index(start.category_ids)
     batches = _infinite_batches(spec, index, rank)
     log_mlflow = _mlflow_logger(spec) if rank == 0 else None
+    if resume is not None:
+        # a restarted worker group (a worker or its node died): say where it picked up, in the
+        # job log and, from rank 0, as a metric whose timestamp says when training went on
+        print(f"resumed at step {start_step} from checkpoint {resume.path} (rank {rank})", flush=True)
+        if log_mlflow is not None:
+            log_mlflow(start_step, {"resumed_at_step": start_step})
 
     def save_and_report(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "step": step}
@@ -206,6 +213,7 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=cluster.num_workers, use_gpu=cluster.gpu,
             resources_per_worker={"CPU": cluster.cpus_per_worker},
+            placement_strategy=cluster.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
