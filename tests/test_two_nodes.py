@@ -43,7 +43,7 @@ from services import ROOT, S3, RayNode, free_port, mlflow_server, ray_env, ray_h
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 MODEL = "two-node-detector"
-STEPS, CHECKPOINT_EVERY = 18, 3
+STEPS, CHECKPOINT_EVERY = 36, 3
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 STATE: dict = {}  # what the loop test leaves for the tests after it
 
@@ -139,11 +139,12 @@ def two_nodes(s3_service, tmp_path_factory):
                        catalog=catalog, prefix=prefix)
 
 
-def _train_workers() -> list:
+def _train_workers(head: RayNode) -> list:
+    """The live Ray Train workers, from this cluster's state API (other clusters share the machine)."""
     from ray.util.state import list_actors
 
-    return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                       raise_on_missing_output=False)
+    return list_actors(address=head.dashboard_url, raise_on_missing_output=False,
+                       filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
 def _base_run(uri: str):
@@ -159,34 +160,34 @@ def test_base_training_on_two_nodes_survives_a_worker_death(two_nodes):
                        "--checkpoint-every", str(CHECKPOINT_EVERY), "--num-workers", "2",
                        "--cpus-per-worker", "1", "--placement-strategy", "STRICT_SPREAD", *c.common()])
 
-    # wait for the first checkpoint to be in the bucket (Ray Train's storage on S3)
-    ckpt_prefix = f"{c.prefix}/ray-results/"
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        if [k for k in c.s3.keys(ckpt_prefix) if k.endswith("/train_state.pt")]:
-            break
-        assert job.status() not in TERMINAL, f"the job ended before its first checkpoint\n{job.logs()[-6000:]}"
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"no checkpoint in {ckpt_prefix} after 900 s\n{job.logs()[-6000:]}")
-    # and a step done after it, so Ray Train has registered it (report() returned on rank 0)
+    # the two workers, one on each node (looked up while the run starts, so that the kill
+    # below comes right after the first checkpoint)
     client = registry.client(c.mlflow_uri)
+    deadline = time.time() + 900
+    workers, reached = [], 0
     while time.time() < deadline:
-        run = _base_run(c.mlflow_uri)
-        if run and max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")),
-                       default=0) > CHECKPOINT_EVERY:
-            break
-        assert job.status() not in TERMINAL, job.logs()[-6000:]
-        time.sleep(0.5)
-
-    # two workers, one on each node; the one on the second node dies the way an OOM kill would
-    workers = _train_workers()
+        assert job.status() not in TERMINAL, f"the job ended before the kill\n{job.logs()[-6000:]}"
+        if len(workers) < 2:
+            workers = _train_workers(c.head)
+        elif [k for k in c.s3.keys(f"{c.prefix}/ray-results/") if k.endswith("/train_state.pt")]:
+            # the first checkpoint is in the bucket (Ray Train's storage on S3); two steps after
+            # it rank 0 has long returned from reporting it, so Ray Train has registered it
+            run = _base_run(c.mlflow_uri)
+            reached = max((m.step for m in client.get_metric_history(run.info.run_id, "train/loss")),
+                          default=0) if run else 0
+            if reached >= CHECKPOINT_EVERY + 2:
+                break
+        time.sleep(0.3)
+    else:
+        pytest.fail(f"no checkpoint and two steps after it within 900 s\n{job.logs()[-6000:]}")
     assert len(workers) == 2, workers
     assert {w.node_id for w in workers} == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     victim = next(w for w in workers if w.node_id == c.node2_id)
     assert victim.pid in c.node2.processes()  # a process of the second node's own `ray start`
+    # the Ray Train worker on the second node dies the way an OOM kill would
     os.kill(victim.pid, signal.SIGKILL)
     t_kill = time.time()
+    print(f"\nkilled Ray Train worker pid {victim.pid} on node 2 after step {reached} of {STEPS}", flush=True)
 
     status, out = job.wait()
     assert status == "SUCCEEDED", out[-6000:]
