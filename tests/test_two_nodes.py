@@ -28,7 +28,8 @@ import shlex
 import signal
 import sys
 import time
-from contextlib import ExitStack
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -108,6 +109,24 @@ def run_job(head: RayNode, args: list[str], env: dict | None = None, expect: str
     return out
 
 
+@contextmanager
+def _world(catalog: Catalog):
+    """The small embedded world built into the catalog (on S3) when entered."""
+    yield build_world(catalog, n_train=40, n_val=8, n_test=8, seed=0, progress=False, workers=1)
+
+
+def _enter_together(stack: ExitStack, *managers) -> list:
+    """Enter context managers in threads, side by side; each one entered is exited by ``stack``
+    (also when another failed to start)."""
+    with ThreadPoolExecutor(len(managers)) as pool:
+        futures = [pool.submit(m.__enter__) for m in managers]
+        wait(futures)
+    for m, f in zip(managers, futures):
+        if f.exception() is None:
+            stack.push(m.__exit__)
+    return [f.result() for f in futures]
+
+
 @pytest.fixture(scope="module")
 def two_nodes(s3_service, tmp_path_factory):
     state = tmp_path_factory.mktemp("two-nodes")
@@ -118,13 +137,14 @@ def two_nodes(s3_service, tmp_path_factory):
             mp.setenv(k, v)
         for k in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
             mp.delenv(k, raising=False)
-        uri = stack.enter_context(mlflow_server(state / "mlflow", artifacts=s3.uri(prefix, "mlflow"),
-                                                env=s3.env))
-        head = stack.enter_context(ray_head(state / "head", num_cpus=2, dashboard=True, env=node_env))
+        catalog = Catalog(s3.uri(prefix, "catalog"))
+        # the services start side by side (each mostly waits for its own readiness)
+        uri, head, _ = _enter_together(
+            stack, mlflow_server(state / "mlflow", artifacts=s3.uri(prefix, "mlflow"), env=s3.env),
+            ray_head(state / "head", num_cpus=2, dashboard=True, env=node_env),
+            _world(catalog))
         node2 = stack.enter_context(ray_worker_node(head, state / "node2", num_cpus=2,
                                                     resources={"node2": 1}, env=node_env))
-        catalog = Catalog(s3.uri(prefix, "catalog"))
-        build_world(catalog, n_train=40, n_val=8, n_test=8, seed=0, progress=False, workers=1)
         ray.init(address=head.address, log_to_driver=False)
         stack.callback(ray.shutdown)
         node2_id = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node2"))
