@@ -131,7 +131,9 @@ def _enter_together(stack: ExitStack, *managers) -> list:
 def two_nodes(s3_service, tmp_path_factory):
     state = tmp_path_factory.mktemp("two-nodes")
     s3, prefix = s3_service, f"two-nodes-{os.getpid()}"
-    node_env = {**ray_env(), **s3.env}
+    # Ray's memory monitor reads the whole machine's memory: on a shared test box other people's
+    # processes made it kill this test's Train workers (a kill the test did not ask for)
+    node_env = {**ray_env(), **s3.env, "RAY_memory_monitor_refresh_ms": "0"}
     with pytest.MonkeyPatch.context() as mp, ExitStack() as stack:
         for k, v in s3.env.items():  # this process reads and writes the catalog on S3 too
             mp.setenv(k, v)
