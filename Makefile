@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: install demo test test-unit stop clean-state
+.PHONY: install demo test test-unit test-cluster stop clean-state
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: install
 
 test-unit: install
 	$(VENV)/bin/python -m pytest -q -m "not integration"
+
+test-cluster: install
+	$(VENV)/bin/python -m pytest -q -m slow tests/test_two_nodes.py
 
 stop:
 	bash infra/stop_local.sh

@@ -2,13 +2,13 @@
 
 :class:`ClusterOptions` is declared once; the workflows compose it into their options and
 the jobs turn it into flags (``--ray-address``, ``--num-workers``, ``--cpus-per-worker``,
-``--gpu``, ``--gpus-per-worker``, ``--precision``, ``--storage-path``), with per-job defaults.
+``--gpu``, ``--gpus-per-worker``, ``--precision``, ``--placement-strategy``, ``--storage-path``), with per-job defaults.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import ray
 import ray.data
@@ -39,6 +39,10 @@ class ClusterOptions:
     """Numeric precision of training and evaluation: fp32, bf16 or fp16 (autocast; fp16 with a
     gradient scaler, GPU only). auto: bf16 on a GPU that supports it, fp32 on CPU. The version
     records it (tag 'precision') and is evaluated and served in it."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers' placement group: PACK fills one node first (DDP traffic
+    stays local); SPREAD puts them on different nodes where it can; STRICT_SPREAD one worker a
+    node or not at all (waits for enough nodes)."""
     storage_path: str | None = None
     """Ray Train storage for checkpoints (default: a local temp dir; give shared storage, e.g.
     s3://bucket/prefix, on a multi-node cluster)."""

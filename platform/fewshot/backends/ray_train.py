@@ -6,7 +6,8 @@ and runs the same explicit loop as a plain process would, on ``ray.train.torch.g
 (a GPU with ``--gpu``; batches pinned and copied ``non_blocking``) at the run's precision. Rank 0 logs losses (and the weights
 a balancer applied) to the MLflow run whose id it is given, shows a progress bar in the job
 log, and reports checkpoints through Ray Train every ``checkpoint_every`` steps so a worker
-failure resumes from the last one (``max_failures``). The final checkpoint is a
+failure resumes from the last one (``max_failures``; the restarted workers print "resumed at
+step N" and rank 0 logs ``<prefix>resumed_at_step``). The final checkpoint is a
 ``fewshot.model.checkpoint`` file (``detector.pt``) inside the Ray Train checkpoint directory.
 """
 from __future__ import annotations
@@ -137,6 +138,12 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda":  # assemble and pin the next batches while the GPU runs this one
         batches = prefetch(batches, depth=2, fn=lambda b: pin_batch(*b))
     log_mlflow = _mlflow_logger(spec) if rank == 0 else None
+    if resume is not None:
+        # a restarted worker group (a worker or its node died): say where it picked up, in the
+        # job log and, from rank 0, as a metric whose timestamp says when training went on
+        print(f"resumed at step {start_step} from checkpoint {resume.path} (rank {rank})", flush=True)
+        if log_mlflow is not None:
+            log_mlflow(start_step, {"resumed_at_step": start_step})
 
     def save_and_report(step: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "step": step}
@@ -175,7 +182,7 @@ def scaling_config(cluster: ClusterOptions) -> ScalingConfig:
     if cluster.gpu:
         resources["GPU"] = cluster.gpus_per_worker
     return ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=resources, placement_strategy=cluster.placement_strategy)
 
 
 def decode_tasks_cpus(cluster: ClusterOptions) -> float:
