@@ -173,11 +173,11 @@ def test_rayservice_is_the_render_of_the_serve_config():
     r = subprocess.run([sys.executable, str(KUBERAY / "render.py"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    sys.path.insert(0, str(KUBERAY))
-    try:
-        import render
-    finally:
-        sys.path.remove(str(KUBERAY))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kuberay_render", KUBERAY / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
     assert (KUBERAY / "rayservice.yaml").read_text() == render.render()
     service = _docs(KUBERAY / "rayservice.yaml")[0]
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])

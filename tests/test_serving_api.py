@@ -7,7 +7,6 @@ a CLIP refiner on the embedded teacher); every test leaves the replica serving.
 """
 from __future__ import annotations
 
-import io
 import socket
 import struct
 import threading
@@ -22,6 +21,7 @@ import pytest
 import requests
 from PIL import Image
 
+from imagegen import encode, scene
 from services import free_port
 
 MODEL = "serving-api-detector"
@@ -31,19 +31,6 @@ pytestmark = pytest.mark.integration
 
 # ---- images ----------------------------------------------------------------------------------
 
-def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def scene(w: int = 160, h: int = 120, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    arr = np.full((h, w, 3), 200, np.uint8)
-    for _ in range(4):
-        x, y = rng.integers(0, w - 20), rng.integers(0, h - 20)
-        arr[y:y + rng.integers(10, 30), x:x + rng.integers(10, 30)] = rng.integers(0, 255, 3)
-    return Image.fromarray(arr)
 
 
 def png_header(w: int, h: int, idat: bytes = b"") -> bytes:

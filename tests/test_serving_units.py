@@ -2,7 +2,6 @@
 the pyfunc flavour (legacy versions included) and the serve configs."""
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from pathlib import Path
@@ -19,24 +18,12 @@ from fewshot.model.presets import preset
 from fewshot.model.detector import build_detector
 from fewshot.model.image_input import DecodedImage, ImageError, decode_image
 from fewshot.model.inference import Detector
+from imagegen import encode, scene
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_SIZE = (160, 256)  # cpu-small
 
 
-def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def scene(w: int = 160, h: int = 120, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    arr = np.full((h, w, 3), 200, np.uint8)
-    for _ in range(4):
-        x, y = rng.integers(0, w - 20), rng.integers(0, h - 20)
-        arr[y:y + rng.integers(10, 30), x:x + rng.integers(10, 30)] = rng.integers(0, 255, 3)
-    return Image.fromarray(arr)
 
 
 def png_header_bomb(w: int, h: int) -> bytes:
