@@ -194,9 +194,9 @@ def test_rayservice_is_the_render_of_the_serve_config():
     tree = ast.parse((ROOT / "serving" / "app.py").read_text())
     assert any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "app" for t in n.targets)
                for n in tree.body)
-    defaults = next(n for n in tree.body if isinstance(n, ast.Assign)
-                    and getattr(n.targets[0], "id", None) == "DEFAULTS")
-    known = {k.value for k in defaults.value.keys}
+    from serving.app import ServiceSettings  # the replica's typed settings (unknown keys refused)
+
+    known = set(ServiceSettings.model_fields)
     for dep in app["deployments"]:
         assert set(dep["user_config"]) <= known
         assert "tracking_uri" not in dep["user_config"]  # from MLFLOW_TRACKING_URI on the pod
