@@ -43,6 +43,16 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
     raise TimeoutError(f"{url} not up after {timeout}s\n{log.read_text()[-3000:] if log else ''}")
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` (its whole process group),
+    SIGKILL it if it has not exited within ``timeout`` seconds."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
 @contextmanager
 def mlflow_server(state: Path, artifacts: str | None = None, env: dict | None = None):
     """``mlflow server`` with a sqlite backend store and a local artifact store (or
@@ -62,11 +72,7 @@ def mlflow_server(state: Path, artifacts: str | None = None, env: dict | None = 
         wait_http(f"{uri}/health", 300, proc, log)  # a loaded 2-core machine can take minutes
         yield uri
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_group(proc)
 
 
 class S3:
@@ -123,11 +129,7 @@ def s3_server(state: Path, bucket: str = "fewshot-test"):
         s3.client().create_bucket(Bucket=bucket)
         yield s3
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_group(proc)
 
 
 class RayNode:
