@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from catalog.storage import is_uri
 
 DEFAULT_REGISTERED_NAME = "fewshot-clip-teacher"
 ARTIFACT_PATH = "teacher"
@@ -51,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, default=300,
                    help="evaluate on the crops of at most this many images of the split")
     p.add_argument("--out", default=str(default_teacher_path()),
-                   help=f"where to write the teacher checkpoint (${TEACHER_DIR_ENV} sets the "
-                        "default folder); use it as teacher spec 'embedded:<path>'")
+                   help=f"where to write the teacher checkpoint: a path (${TEACHER_DIR_ENV} sets the "
+                        "default folder) or a URI such as s3://bucket/teachers/embedded-teacher.pt, "
+                        "which every node of a cluster can read; use it as teacher spec "
+                        "'embedded:<path or URI>'")
     p.add_argument("--steps", type=int, default=3000,
                    help="contrastive training steps (measured on a busy 2-core CPU, 1 thread, "
                         "batch 64: 1000 steps 5.5 min -> zero-shot top-1 0.26 over 20 classes; "
@@ -213,10 +216,15 @@ def main(argv: list[str] | None = None) -> int:
                                             args.eval_images)
     zs = zero_shot_figures(teacher, rows, manifest)
     metrics.update(zs)
-    out = Path(args.out).expanduser().resolve()
+    remote = is_uri(args.out) and not args.out.startswith("file://")
+    out = args.out if remote else Path(args.out.removeprefix("file://")).expanduser().resolve()
     info = {k: v for k, v in metrics.items() if k != "losses"}
     info.update({"seed": args.seed, "lr": args.lr, "eval": where})
     save_embedded_teacher(out, teacher.model, model_name=teacher.model_name, info=info)
+    local = out
+    if remote and args.mlflow_uri:  # MLflow logs a local file: the same bytes again, in a temp dir
+        local = Path(tempfile.mkdtemp()) / Path(args.out).name
+        save_embedded_teacher(local, teacher.model, model_name=teacher.model_name, info=info)
     spec = f"embedded:{out}"
     total = time.perf_counter() - t0
 
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                   "corpus_pairs": args.corpus_pairs, "seed": args.seed,
                   "model_cfg": json.dumps(_model_cfg(teacher)),
                   "eval": where}
-        version = register_teacher(args.mlflow_uri, args.experiment, args.model_name, out, spec,
+        version = register_teacher(args.mlflow_uri, args.experiment, args.model_name, local, spec,
                                    teacher.id, params, {k: v for k, v in metrics.items()
                                                         if k != "losses"}, metrics["losses"])
         print(f"registered models:/{args.model_name}/{version} (alias {CHAMPION})")

@@ -240,6 +240,26 @@ def test_teacher_cache_on_s3(s3):
     assert not has_teacher_cache(cat, "w", "val", "box-v1")
 
 
+def test_embedded_teacher_by_s3_uri_loads_anywhere(s3, tiny_teacher_spec):
+    """A teacher written to the bucket loads from its URI (what a node of a cluster does) with
+    the same id and the same embeddings as from the local file; the spec it records is the URI."""
+    import torch
+
+    from fewshot.clip.teacher import load_teacher, save_embedded_teacher
+
+    local = load_teacher(tiny_teacher_spec, device="cpu")
+    uri = s3.uri("teachers", "embedded-teacher.pt")
+    assert save_embedded_teacher(uri, local.model, model_name=local.model_name) == uri
+    assert "teachers/embedded-teacher.pt" in s3.keys("teachers/")
+    remote = load_teacher(f"embedded:{uri}", device="cpu")
+    assert remote.id == local.id and remote.spec == f"embedded:{uri}"
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    boxes = [[2, 2, 40, 40], [10, 5, 60, 30]]
+    assert torch.allclose(remote.embed_boxes(image, boxes), local.embed_boxes(image, boxes), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="cannot be read"):
+        load_teacher(f"embedded:{s3.uri('teachers', 'missing.pt')}", device="cpu")
+
+
 def test_coco_import_into_s3_and_add_a_split(s3, tmp_path):
     from catalog.importers import import_coco
 

@@ -10,7 +10,10 @@ A teacher is named by a **spec** string (:func:`load_teacher`):
 ``embedded:<path>``
     a checkpoint of the embedded domain teacher written by :func:`save_embedded_teacher`
     (trained on the captioned synthetic corpus by :mod:`fewshot.clip.pretraining`).
-    ``embedded`` alone means :func:`default_teacher_path`.
+    ``embedded`` alone means :func:`default_teacher_path`. The path may be a URI
+    (``s3://bucket/teachers/embedded-teacher.pt`` or any ``pyarrow.fs`` scheme, read through
+    :func:`catalog.storage.resolve_uri`): the spec a version records then loads on every node
+    of a cluster, not only where the file was written.
 ``<model_name>:<pretrained_tag>``
     an OpenCLIP architecture with published weights, e.g. ``ViT-B-32:laion2b_s34b_b79k``,
     via ``open_clip.create_model_and_transforms(name, pretrained=tag)`` (needs the weights
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from catalog.crops import crop_box, to_uint8_rgb
+from catalog.storage import is_uri, resolve_uri
 from fewshot.model.devices import resolve_device
 
 __all__ = [
@@ -424,8 +428,9 @@ def _as_box_list(boxes) -> list[list[float]]:
 # ---- saving and loading ---------------------------------------------------------------------
 
 def save_embedded_teacher(path: str | Path, model, *, model_name: str = EMBEDDED_MODEL_NAME,
-                          model_cfg: dict | None = None, info: dict | None = None) -> Path:
-    """Write an embedded teacher checkpoint (config + weights + ``info``) atomically.
+                          model_cfg: dict | None = None, info: dict | None = None) -> Path | str:
+    """Write an embedded teacher checkpoint (config + weights + ``info``) atomically, to a local
+    path or a URI (``s3://...``; returned as given).
 
     The file is self-describing: :func:`load_teacher` re-registers the stored config with
     open_clip, so it loads even if :data:`EMBEDDED_MODEL_CFG` changes later."""
@@ -433,8 +438,6 @@ def save_embedded_teacher(path: str | Path, model, *, model_name: str = EMBEDDED
     cfg = model_cfg if model_cfg is not None else open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"no open_clip config registered as {model_name!r}; pass model_cfg")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": EMBEDDED_FORMAT,
         "format_version": EMBEDDED_FORMAT_VERSION,
@@ -445,23 +448,53 @@ def save_embedded_teacher(path: str | Path, model, *, model_name: str = EMBEDDED
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
+    if is_uri(path):  # object storage: one PUT is atomic, readers see the old or the new object
+        fs, key = resolve_uri(str(path))
+        parent = key.rsplit("/", 1)[0]
+        if parent and parent != key:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(key) as out:
+            out.write(buf.getvalue())
+        return str(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(buf.getvalue())
     tmp.replace(path)
     return path
 
 
-def _load_embedded(path: Path, spec: str, device, **kwargs) -> Teacher:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"embedded teacher checkpoint {path} not found; train one with "
-            "`python jobs/pretrain_teacher.py --out PATH`"
-        )
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+def _read_embedded_payload(source: str) -> tuple[dict, str]:
+    """The checkpoint dict behind a local path or a URI, and the location it was read from."""
+    if is_uri(source) and not source.startswith("file://"):
+        fs, key = resolve_uri(source)
+        try:
+            with fs.open_input_file(key) as f:
+                data = f.read()
+        except (FileNotFoundError, OSError) as err:
+            raise FileNotFoundError(
+                f"embedded teacher checkpoint {source} cannot be read ({err}); write one there with "
+                "`python jobs/pretrain_teacher.py --out URI`") from None
+        where = source
+    else:
+        path = Path(source.removeprefix("file://")).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"embedded teacher checkpoint {path} not found; train one with "
+                "`python jobs/pretrain_teacher.py --out PATH`"
+            )
+        data, where = path.read_bytes(), str(path)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != EMBEDDED_FORMAT:
-        raise ValueError(f"{path} is not an embedded teacher checkpoint ({EMBEDDED_FORMAT})")
+        raise ValueError(f"{where} is not an embedded teacher checkpoint ({EMBEDDED_FORMAT})")
     if payload.get("format_version") != EMBEDDED_FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported format version {payload.get('format_version')!r}")
+        raise ValueError(f"{where}: unsupported format version {payload.get('format_version')!r}")
+    return payload, where
+
+
+def _load_embedded(source: str, device, **kwargs) -> Teacher:
+    payload, where = _read_embedded_payload(source)
+    spec = f"{EMBEDDED_PREFIX}{where}"
     model, name = create_embedded_model(payload["model_cfg"], payload.get("model_name") or EMBEDDED_MODEL_NAME)
     model.load_state_dict(payload["state_dict"])
     # id from the weights (not the file bytes): the trainer's Teacher has the same id
@@ -477,8 +510,7 @@ def load_teacher(spec: str, device: str | torch.device | None = None, **kwargs) 
     parsed = parse_teacher_spec(spec)
     device = resolve_device(device)
     if parsed.kind == "embedded":
-        path = Path(parsed.source).expanduser().resolve()
-        return _load_embedded(path, f"{EMBEDDED_PREFIX}{path}", device, **kwargs)
+        return _load_embedded(parsed.source, device, **kwargs)
     open_clip = _open_clip()
     if parsed.kind == "schema":
         model, _, _ = open_clip.create_model_and_transforms(parsed.model_name, device=device)
