@@ -82,18 +82,9 @@ def serving_stack(user_config: dict | None = None):
     from fewshot.backends import registry
     from serving.app import DetectorService
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, mlflow_server(Path(tmp)) as uri:
         work = Path(tmp)
-        port = free_port()
-        log = (work / "mlflow.log").open("w")
-        proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-             "--artifacts-destination", str(work / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        uri = f"http://127.0.0.1:{port}"
         try:
-            wait(f"{uri}/health", 300)
             path = make_version(work)
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment("bench")
@@ -115,17 +106,33 @@ def serving_stack(user_config: dict | None = None):
             wait(f"{url}/healthz", 120)
             yield url, path, deploy
         finally:
-            try:
-                if ray.is_initialized():
-                    serve.shutdown()
-                    ray.shutdown()
-            finally:
-                os.killpg(proc.pid, 15)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait(timeout=30)
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+
+
+@contextmanager
+def mlflow_server(work: Path):
+    """An MLflow server on 127.0.0.1 (SQLite + artifacts under ``work``); yields its URI and
+    stops its whole process group on exit."""
+    port = free_port()
+    with (work / "mlflow.log").open("w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
+             "--artifacts-destination", str(work / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait(f"{uri}/health", 300)
+        yield uri
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
 
 
 def test_image(seed: int = 0, w: int = 160, h: int = 160) -> bytes:

