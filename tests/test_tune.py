@@ -53,7 +53,7 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
         "--num-samples", str(samples), "--max-concurrent", "1", "--cpus-per-worker", "1",
         "--max-steps", str(max_steps), "--eval-every", str(eval_every), "--grace-period", "2",
         "--batch-size", "2", "--val-images", "20", "--teacher", tiny_teacher_spec,
-        "--storage-path", str(tmp_path / "ray_results"), "--quiet",
+        "--storage-path", str(tmp_path / "ray_results"), "--quiet", "--draws", "2",
     ])
     assert code == 0
 
@@ -64,6 +64,7 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["tune_split"] == "val"
+    assert parent.data.params["draws"] == "2"
     assert json.loads(parent.data.params["classes"]) == novel
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -127,6 +128,36 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps({"lr": 1e-3, "balancer": "none"}))
     assert load_config(str(flat), mlflow_uri, MODEL)[0] == {"lr": 1e-3, "balancer": None}
+
+
+def test_a_trial_scores_the_mean_over_its_draws(tiny_catalog, mlflow_uri, champion, monkeypatch):
+    """Each trial fine-tunes on every support draw; what it reports at each step is the mean of
+    the draws' val figures (the same figures each draw gives alone)."""
+    from dataclasses import replace
+
+    opts = tuning.TuneOptions(
+        store=StoreOptions(catalog=str(tiny_catalog.root), mlflow_uri=mlflow_uri, model_name=MODEL),
+        classes=tuple(champion["split"].novel[:2]), shots=2, cluster=ClusterOptions(cpus_per_worker=1),
+        batch_size=2, teacher=None, draws=2, val_images=20, eval_every=2, max_steps=4)
+    payload = tuning._payload(tuning._prepare(opts), opts)
+    assert [d.seed for d in payload.draws] == [0, tuning.DRAW_SEED_STRIDE]
+    support = [sorted(r["image_id"] for r in d.rows) for d in payload.draws]
+    assert support[0] != support[1]
+    reports: list[dict] = []
+    monkeypatch.setattr(space.tune, "report", reports.append)
+    config = {"balancer": "pgb", "balancer_momentum": 0.8, "distill_beta": 0.0, "lr": 1e-2, "steps": 4}
+    space.run_trial(config, payload)
+    together, alone = list(reports), []
+    for draw in payload.draws:
+        reports.clear()
+        space.run_trial(config, replace(payload, draws=[draw]))
+        alone.append(list(reports))
+    assert [r["step"] for r in together] == [2, 4] and {r["draws"] for r in together} == {2}
+    for k, r in enumerate(together):
+        for key in space.VAL_KEYS:
+            assert r[key] == pytest.approx((alone[0][k][key] + alone[1][k][key]) / 2, abs=1e-9), key
+    with pytest.raises(tuning.TuneError, match="--draws"):
+        replace(opts, draws=0).check()
 
 
 def test_compare_best_and_default_on_test(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path):

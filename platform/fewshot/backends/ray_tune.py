@@ -82,17 +82,24 @@ def describe_space(space: dict) -> dict:
 # ---- one trial ---------------------------------------------------------------------------------
 
 @dataclass
+class TrialDraw:
+    """One K-shot support draw: the expanded parent it imprints and the rows it trains on."""
+
+    start: DetectorCheckpoint            # the expanded parent (new rows imprinted from this draw)
+    rows: list[dict]                     # K-shot novel + replay rows
+    rows_with_teacher: list[dict] | None  # the same rows with ``teacher_emb`` (None: no teacher)
+    seed: int                            # the draw's seed, also the fine-tune's
+
+
+@dataclass
 class TrialPayload:
     """Everything a trial needs, built once on the driver and shipped by the object store."""
 
-    start: DetectorCheckpoint            # the expanded parent (imprinted new rows)
-    rows: list[dict]                     # K-shot novel + replay rows
-    rows_with_teacher: list[dict] | None  # the same rows with ``teacher_emb`` (None: no teacher)
+    draws: list[TrialDraw]               # every trial fine-tunes on each; its figure is their mean
     teacher_dim: int | None
     val: EvalSplit
     method: MethodOptions                 # the trials' freeze policy; the tuned keys are replaced
     train: TrainConfig                    # add_classes' schedule; lr and steps are replaced
-    seed: int
     eval_every: int
     threads: int = 1
     gpus: float = 0.0       # GPUs per trial (0: CPU only; a fraction shares one GPU)
@@ -111,28 +118,41 @@ def val_metrics(report: EvalReport) -> dict[str, float]:
 
 
 def run_trial(config: dict, payload: TrialPayload) -> None:
-    """Tune function trainable: fine-tune ``payload.start`` with ``config``; every
-    ``eval_every`` steps (and at the last) score on val and ``tune.report`` the figures with
-    ``step`` (the scheduler's time axis), the smoothed loss and the balancer's weights."""
+    """Tune function trainable: fine-tune each draw's start with ``config`` and report the
+    **mean over the draws** of the val figures, every ``eval_every`` steps (and at the last),
+    with ``step`` (the scheduler's time axis), the smoothed loss and the balancer's weights.
+
+    The draws run one after the other; the earlier ones record their figures at each eval step
+    and the last one reports the means as it reaches each step, so a configuration is judged on
+    several support sets (one draw rewards whatever happens to fit it) while ASHA can still stop
+    it during the last draw."""
     torch.set_num_threads(max(1, payload.threads))
     options, tcfg = apply_to(config, payload.method, replace(payload.train, log_every=payload.eval_every))
     method = options.config(payload.teacher_dim)
-    if method.distills and payload.rows_with_teacher is None:
+    if method.distills and any(d.rows_with_teacher is None for d in payload.draws):
         raise ValueError("this trial distils (beta > 0) but the search has no teacher")
-    rows = payload.rows_with_teacher if method.distills else payload.rows
-
-    model = payload.start.build_model()
     device = resolve_device(payload.device)
     precision = resolve_precision(payload.precision, device)
+    earlier: dict[int, list[dict[str, float]]] = {}  # step -> figures of the draws done so far
 
-    def report(step: int, smoothed: dict[str, float]) -> None:  # every eval_every steps and the last
-        figures = val_metrics(score(to_checkpoint(model, payload.start), payload.val, device=device,
-                                    precision=precision))
-        tune.report({"step": step, **figures, "lr": smoothed["lr"],
-                     **{f"train_{k}": v for k, v in smoothed.items() if k != "lr"}})
+    for i, draw in enumerate(payload.draws):
+        last = i == len(payload.draws) - 1
+        model = draw.start.build_model()
+        rows = draw.rows_with_teacher if method.distills else draw.rows
 
-    finetune(payload.start, rows, tcfg, method, seed=payload.seed, on_log=report, model=model,
-             device=device, precision=precision)
+        def on_eval(step: int, smoothed: dict[str, float], model=model, draw=draw, last=last) -> None:
+            figures = val_metrics(score(to_checkpoint(model, draw.start), payload.val, device=device,
+                                        precision=precision))
+            if not last:
+                earlier.setdefault(step, []).append(figures)
+                return
+            seen = earlier.get(step, []) + [figures]
+            mean = {k: sum(f[k] for f in seen) / len(seen) for k in figures}
+            tune.report({"step": step, **mean, "draws": len(seen), "lr": smoothed["lr"],
+                         **{f"train_{k}": v for k, v in smoothed.items() if k != "lr"}})
+
+        finetune(draw.start, rows, tcfg, method, seed=draw.seed, on_log=on_eval, model=model,
+                 device=device, precision=precision)
 
 
 # ---- MLflow: one nested run per trial ----------------------------------------------------------

@@ -3,7 +3,7 @@ learning rate, steps), with one MLflow parent run and one nested run per trial.
 
 What one search does (``jobs/tune.py`` is the command line):
 
-1. On the driver: resolve ``models:/NAME@champion``, draw the K-shot support set of the new
+1. On the driver: resolve ``models:/NAME@champion``, draw the K-shot support sets of the new
    classes (:func:`fewshot.learning.episode.sample_episode`, seed ``seed``), imprint the new classifier
    rows (:func:`fewshot.learning.episode.expand_parent`), embed the support boxes with the CLIP teacher
    once (for the trials that distil), and load the first ``val_images`` images of the **val**
@@ -14,7 +14,9 @@ What one search does (``jobs/tune.py`` is the command line):
    :func:`fewshot.learning.method.finetune`, whose logging callback scores the current weights on val
    every ``eval_every`` steps and calls ``ray.tune.report``. Configurations are drawn by Tune's
    random search seeded with ``seed`` (a rerun tries the same ones); the ASHA scheduler stops
-   the trials whose validation figure trails at a rung.
+   the trials whose validation figure trails at a rung. With ``draws`` > 1 the driver draws
+   that many support sets (seeds ``seed + 1000 i``) and every trial fine-tunes on each; its
+   reported figure is the mean over the draws (one draw rewards whatever happens to fit it).
 3. A driver-side Tune callback (:class:`fewshot.backends.ray_tune.MlflowTrialLogger`) opens a nested MLflow run per trial
    (tag ``mlflow.parentRunId``), logs its hyperparameters as params and its validation curve as
    step-indexed metrics (``val/HM50``, ``val/HM``, ``val/bAP`` ...), so trials line up side by
@@ -39,7 +41,7 @@ from fewshot.backends import registry, tracking
 from fewshot.backends.cluster import ClusterOptions, ensure_ray
 from fewshot.backends.ray_train import storage_for
 from fewshot.backends.ray_tune import (
-    VAL_KEYS, MlflowTrialLogger, TrialPayload, TrialSummary, describe_space, pick_best,
+    VAL_KEYS, MlflowTrialLogger, TrialDraw, TrialPayload, TrialSummary, describe_space, pick_best,
     run_finetunes, run_search, search_space,
 )
 from fewshot.backends.tuned_configs import apply_to, save_best_config
@@ -50,6 +52,8 @@ from fewshot.metrics.stats import mean_ci95
 from fewshot.model.checkpoint import DetectorCheckpoint
 from fewshot.workflows.add_classes import AddClassesError, AddClassesOptions, validate
 from fewshot.workflows.options import Flat, NameList, StoreOptions
+
+DRAW_SEED_STRIDE = 1000  # trial draws: seed + 1000 i; the comparison's fresh draws: seed + 1 .. seed + N
 
 # What add_classes does without a tuned configuration: its own option defaults, read, not copied.
 ADD_CLASSES_DEFAULTS = AddClassesOptions()
@@ -76,8 +80,12 @@ class TuneOptions:
     shots: int = 5
     """K: annotated instances per new class."""
     seed: int = 0
-    """Seed of the K-shot support draw, of training and of the random search; all trials share
-    the draw so they differ only in their hyperparameters."""
+    """Seed of the first K-shot support draw, of training and of the random search; all trials
+    share the draws so they differ only in their hyperparameters."""
+    draws: int = 3
+    """Support draws every trial fine-tunes on (seeds --seed, --seed+1000, ...); a trial scores
+    the mean of its val figures over them, so the search rewards a configuration that works on
+    several support sets rather than one that fits a single draw."""
     freeze: FreezePolicy = "backbone"
     """What trains in every trial. backbone: box head, classifier and regressor train (backbone
     and RPN frozen). With add_classes' own default 'head' only the new classifier rows train, so
@@ -142,8 +150,11 @@ class TuneOptions:
             raise TuneError(f"--reduction-factor must be > 1, got {self.reduction_factor}")
         if self.val_images is not None and self.val_images < 1:
             raise TuneError(f"--val-images must be at least 1, got {self.val_images}")
-        if self.compare_seeds < 0:
-            raise TuneError(f"--compare-seeds must be >= 0, got {self.compare_seeds}")
+        if not 1 <= self.draws <= 100:
+            raise TuneError(f"--draws must be within 1..100, got {self.draws}")
+        if not 0 <= self.compare_seeds < DRAW_SEED_STRIDE:
+            raise TuneError(f"--compare-seeds must be within 0..{DRAW_SEED_STRIDE - 1} (its fresh draws must "
+                            f"not reach the trials' seeds), got {self.compare_seeds}")
         dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
         if dupes:
             raise TuneError(f"--classes must name distinct classes, got {list(self.classes)}")
@@ -231,18 +242,22 @@ def _prepare(opts: TuneOptions) -> _Prepared:
 
 
 def _payload(prep: _Prepared, opts: TuneOptions) -> TrialPayload:
-    ep = sample_episode(prep.catalog, prep.parent, prep.classes, opts.shots, opts.seed, dataset=prep.dataset)
-    start = expand_parent(ep, device=opts.cluster.device())
-    rows_t = TeacherEmbedder(prep.teacher)(ep.rows) if prep.teacher is not None else None
+    draws = []
+    for i in range(opts.draws):
+        seed = opts.seed + DRAW_SEED_STRIDE * i
+        ep = sample_episode(prep.catalog, prep.parent, prep.classes, opts.shots, seed, dataset=prep.dataset)
+        rows_t = TeacherEmbedder(prep.teacher)(ep.rows) if prep.teacher is not None else None
+        draws.append(TrialDraw(start=expand_parent(ep, device=opts.cluster.device()), rows=ep.rows,
+                               rows_with_teacher=rows_t, seed=seed))
     val = load_eval_split(prep.catalog, prep.dataset, "val", list(prep.parent.classes), prep.classes,
                           max_images=opts.val_images)
     seen = {a["category_id"] for a in val.gt.get("annotations", [])}
     if not seen & set(val.base_ids) or not seen & set(val.novel_ids):
         raise TuneError(f"the first {opts.val_images} val images hold no "
                         f"{'base' if not seen & set(val.base_ids) else 'new'}-class boxes: raise --val-images")
-    return TrialPayload(start=start, rows=ep.rows, rows_with_teacher=rows_t,
+    return TrialPayload(draws=draws,
                         teacher_dim=prep.teacher.embed_dim if prep.teacher is not None else None,
-                        val=val, method=opts.trial_method, train=opts.trial_train, seed=opts.seed,
+                        val=val, method=opts.trial_method, train=opts.trial_train,
                         eval_every=opts.eval_every, threads=opts.cluster.cpus_per_worker,
                         gpus=opts.cluster.gpus, precision=opts.cluster.precision)
 
@@ -254,7 +269,8 @@ def run_tune(opts: TuneOptions) -> TuneResult:
     print(f"[tune] champion {store.model_name} v{prep.parent_version.version} ({len(prep.parent.classes)} classes); "
           f"adding {prep.classes} at {opts.shots} shots (seed {opts.seed}); tuning on val", flush=True)
     payload = _payload(prep, opts)
-    print(f"[tune] support: {len(payload.rows)} images; val: {len(payload.val.rows)} images; "
+    print(f"[tune] {len(payload.draws)} support draws of {len(payload.draws[0].rows)} images each "
+          f"(seeds {', '.join(str(d.seed) for d in payload.draws)}); val: {len(payload.val.rows)} images; "
           f"teacher: {opts.teacher_spec or 'none'}", flush=True)
     space = search_space(opts.max_steps, opts.eval_every, distill=prep.teacher is not None)
     ensure_ray(opts.cluster.ray_address)
@@ -268,6 +284,7 @@ def run_tune(opts: TuneOptions) -> TuneResult:
         parent_id = parent_run.info.run_id
         tracking.log_params({
             "dataset": prep.dataset, "classes": prep.classes, "shots": opts.shots, "seed": opts.seed,
+            "draws": opts.draws,
             "freeze": opts.freeze, "batch_size": opts.batch_size, "metric": opts.metric, "tune_split": "val",
             "parent_version": prep.parent_version.version, "val_images": len(payload.val.rows),
             "num_samples": opts.num_samples, "max_concurrent": opts.max_concurrent,
