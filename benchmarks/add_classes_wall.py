@@ -7,7 +7,7 @@ fine-tune, refine-fit, evaluate, register. Goals: <= 3 min on a 2-core CPU, <= 6
 
 Everything it needs is started here on 127.0.0.1 and stopped at the end: an MLflow server
 (sqlite + local artifacts, ``tests/services.py``), a local Ray cluster, an embedded-world catalog
-in a temp dir and a small base model (``--base-steps`` steps of cpu-small, registered as
+in a temp dir and a small base model (``--base-steps`` steps of ``--preset``, registered as
 ``champion``). Each repeat adds split1's 5 novel classes to its own copy of that champion
 (registered model ``bench-<i>``) with ``run_add_classes``, which reports its stage times
 (``AddClassesResult.timings``, also MLflow metrics ``time/<stage>_s``). The table shows the
@@ -45,6 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (add_classes' default: 150)")
     p.add_argument("--gpu", action="store_true", help="fine-tune and evaluate on a GPU")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    p.add_argument("--preset", default="lite0-fpn",
+                   help="detector preset of the base model (lite0-fpn: the demo's; cpu-small: the small one)")
     p.add_argument("--base-steps", type=int, default=40, help="steps of the small base model")
     p.add_argument("--n-train", type=int, default=300, help="train images of the generated world")
     p.add_argument("--n-val", type=int, default=150, help="val images (the gate uses them all)")
@@ -57,8 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def base_model(catalog, path: Path, steps: int) -> Path:
-    """cpu-small on split1's base classes, trained ``steps`` steps in this process (trained-ish)."""
+def base_model(catalog, path: Path, steps: int, preset_name: str) -> Path:
+    """``preset_name`` on split1's base classes, trained ``steps`` steps in this process (trained-ish)."""
     from fewshot.learning.loop import TrainConfig
     from fewshot.learning.method import MethodConfig, finetune
     from fewshot.model.checkpoint import DetectorCheckpoint, save_checkpoint
@@ -68,7 +70,7 @@ def base_model(catalog, path: Path, steps: int) -> Path:
     manifest = catalog.manifest("synthworld")
     classes = list(manifest.class_split("split1").base)
     ids = [manifest.category_by_name()[c].id for c in classes]
-    cfg = preset("cpu-small")
+    cfg = preset(preset_name)
     torch.manual_seed(0)
     start = DetectorCheckpoint(cfg, classes, ids, "synthworld", "cs-bench",
                                build_detector(cfg, len(classes) + 1).state_dict())
@@ -98,8 +100,8 @@ def main(args) -> int:
     build_world(catalog, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=0, progress=False)
     print(f"world built ({time.perf_counter() - t0:.0f} s)", flush=True)
     t0 = time.perf_counter()
-    base = base_model(catalog, work / "base" / "detector.pt", args.base_steps)  # the registry wants this name
-    print(f"base model: {args.base_steps} steps ({time.perf_counter() - t0:.0f} s)", flush=True)
+    base = base_model(catalog, work / "base" / "detector.pt", args.base_steps, args.preset)  # the registry wants this name
+    print(f"base model: {args.preset}, {args.base_steps} steps ({time.perf_counter() - t0:.0f} s)", flush=True)
     novel = tuple(catalog.manifest("synthworld").class_split("split1").novel)
     teacher = None if args.teacher == "none" else args.teacher
     if args.teacher == "untrained":
@@ -151,7 +153,7 @@ def main(args) -> int:
         return 1
     device = torch.cuda.get_device_name() if args.gpu and torch.cuda.is_available() else \
         f"CPU ({_platform.machine()}, {os.cpu_count()} cores)"
-    print(f"\ndevice: {device}; precision {runs[0]['precision']}; torch {torch.__version__}; ray {ray.__version__}; "
+    print(f"\ndevice: {device}; preset {args.preset}; precision {runs[0]['precision']}; torch {torch.__version__}; ray {ray.__version__}; "
           f"teacher {args.teacher}; {len(novel)} classes x {args.shots} shots, {args.steps} fine-tuning steps x batch 8, val {args.n_val} "
           f"images, test {args.max_test_images or args.n_test} images; median of {len(runs)} runs\n")
     print("| stage | median s | min-max s |")

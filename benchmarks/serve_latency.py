@@ -2,9 +2,13 @@
 
     PYTHONPATH=platform:. python benchmarks/serve_latency.py --repeats 5 --seconds 5
 
-- latency at concurrency 1: raw predict on one image vs ``POST /v1/detect`` (p50, p95);
-- throughput at concurrency 1 / 4 / 16 with serve.batch on (max_batch_size 8) and off (1),
-  against raw batched throughput (``Detector.predict`` on batches of 8, one thread, as the
+- latency at concurrency 1: raw predict on one image vs ``POST /v1/detect`` (p50, p95), and
+  where the difference goes: the replica's own work in this process (decode the upload +
+  ``Answerer.answer``, no Ray), the endpoint with serve.batch off (no batch wait), and Ray
+  Serve's floor on this machine (an echo deployment answering the same upload through the same
+  proxy, no model);
+- latency and throughput at concurrency 1 / 4 / 16 with serve.batch on (max_batch_size 8,
+  waiting 5 ms or not at all for a batch to fill) and off (1), against raw batched throughput (``Detector.predict`` on batches of 8, one thread, as the
   1-CPU replica runs).
 
 Each figure is the median of ``--repeats`` runs. Refinement off (the detector alone), so the
@@ -55,13 +59,44 @@ def raw_batched_throughput(det, image, seconds, batch=8):
     return n / (time.perf_counter() - t0)
 
 
-def http_latency(url, data, iters):
-    s = requests.Session()
-    s.post(f"{url}/v1/detect?refine=false", data=data, timeout=60)
+def replica_path_latency(answerer, data, iters):
+    """What the replica does for one request, minus Ray and HTTP: decode the upload, answer."""
+    from fewshot.clip.answering import Item
+    from serving.images import decode_upload
+
+    def once():
+        decoded = decode_upload(data, 10 << 20, 12_000_000, answerer.model_size)
+        return answerer.answer([Item(decoded, 0.3, False)])
+
+    once()
     ts = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        r = s.post(f"{url}/v1/detect?refine=false", data=data, timeout=60)
+        once()
+        ts.append((time.perf_counter() - t0) * 1000)
+    return pct(ts, 50), pct(ts, 95)
+
+
+# (label, max_batch_size, batch_wait_timeout_s): wait 0 takes whatever queued while the previous
+# batch ran (no added wait at concurrency 1, still batches under load)
+BATCH_CONFIGS = [("on (8, wait 5 ms)", 8, 0.005), ("on (8, wait 0)", 8, 0.0), ("off (1)", 1, 0.0)]
+
+
+class Echo:
+    """Ray Serve's floor: read the upload, answer a small JSON; no model."""
+
+    async def __call__(self, request):
+        body = await request.body()
+        return {"bytes": len(body)}
+
+
+def http_latency(url, data, iters, path="/v1/detect?refine=false"):
+    s = requests.Session()
+    s.post(f"{url}{path}", data=data, timeout=60)
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        r = s.post(f"{url}{path}", data=data, timeout=60)
         assert r.status_code == 200, r.text
         ts.append((time.perf_counter() - t0) * 1000)
     return pct(ts, 50), pct(ts, 95)
@@ -98,42 +133,57 @@ def main(args) -> None:
     import ray
     import torch
     from PIL import Image
+    from ray import serve
 
     data = test_image(0)
     image = Image.open(io.BytesIO(data)).convert("RGB")
     med = statistics.median
     with serving_stack({"max_batch_size": 8, "batch_wait_timeout_s": 0.005}) as (url, path, deploy):
         torch.set_num_threads(1)  # as the 1-CPU replica (Ray sets OMP_NUM_THREADS=1)
-        det, _ = detector_and_refiner(path)
+        det, answerer = detector_and_refiner(path)
         raw = [raw_latency(det, image, args.iters) for _ in range(args.repeats)]
+        replica = [replica_path_latency(answerer, data, args.iters) for _ in range(args.repeats)]
         raw_tp = med([raw_batched_throughput(det, image, args.seconds) for _ in range(args.repeats)])
-        del det
-        http = [http_latency(url, data, args.iters) for _ in range(args.repeats)]
-        tput = {}
-        for batching in (True, False):
-            deploy({"max_batch_size": 8 if batching else 1,
-                    "batch_wait_timeout_s": 0.005 if batching else 0.0})
+        del det, answerer
+        serve.run(serve.deployment(Echo, ray_actor_options={"num_cpus": 0}).bind(), name="echo",
+                  route_prefix="/echo")
+        echo = [http_latency(url, data, args.iters, path="/echo") for _ in range(args.repeats)]
+        serve.delete("echo")
+        tput, http_cfg = {}, {}
+        for name, size, wait in BATCH_CONFIGS:
+            deploy({"max_batch_size": size, "batch_wait_timeout_s": wait})
+            http_cfg[name] = [http_latency(url, data, args.iters) for _ in range(args.repeats)]
             for clients in (1, 4, 16):
                 runs = [http_throughput(url, data, clients, args.seconds) for _ in range(args.repeats)]
-                tput[(batching, clients)] = (med([r for r, _ in runs]), sum(e for _, e in runs))
+                tput[(name, clients)] = (med([r for r, _ in runs]), sum(e for _, e in runs))
     print(f"\nserve_latency: device cpu ({platform.processor() or platform.machine()}, shared 2-core "
           f"machine), precision float32, torch {torch.__version__}, ray {ray.__version__}; "
           f"image 160x160 PNG, cpu-small detector, refinement off; median of {args.repeats} repeats")
     r50, r95 = med([a for a, _ in raw]), med([b for _, b in raw])
-    h50, h95 = med([a for a, _ in http]), med([b for _, b in http])
-    print(f"\n{'concurrency 1':<28} {'p50 ms':>8} {'p95 ms':>8}")
-    print(f"{'raw Detector.predict':<28} {r50:>8.1f} {r95:>8.1f}")
-    print(f"{'HTTP /v1/detect':<28} {h50:>8.1f} {h95:>8.1f}")
-    print(f"HTTP - raw p50: {h50 - r50:+.1f} ms (goal <= +10 ms)")
-    print(f"\n{'throughput (req/s)':<28} {'c=1':>7} {'c=4':>7} {'c=16':>7} {'errors':>7}")
-    for batching in (True, False):
-        row = [tput[(batching, c)][0] for c in (1, 4, 16)]
-        errs = sum(tput[(batching, c)][1] for c in (1, 4, 16))
-        print(f"{'serve.batch ' + ('on (8)' if batching else 'off'):<28} {row[0]:>7.1f} {row[1]:>7.1f} "
-              f"{row[2]:>7.1f} {errs:>7}")
-    print(f"{'raw predict, batches of 8':<28} {'':>7} {'':>7} {raw_tp:>7.1f}")
-    print(f"throughput at 16 (batch on) / raw batched: {tput[(True, 16)][0] / raw_tp:.2f} (goal >= 0.90)")
-
+    p50, p95 = med([a for a, _ in replica]), med([b for _, b in replica])
+    e50, e95 = med([a for a, _ in echo]), med([b for _, b in echo])
+    print(f"\n{'concurrency 1':<44} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'raw Detector.predict':<44} {r50:>8.1f} {r95:>8.1f}")
+    print(f"{'replica path in-process (decode + answer)':<44} {p50:>8.1f} {p95:>8.1f}")
+    http50 = {}
+    for name, _, _ in BATCH_CONFIGS:
+        h50, h95 = med([a for a, _ in http_cfg[name]]), med([b for _, b in http_cfg[name]])
+        http50[name] = h50
+        print(f"{'HTTP /v1/detect, serve.batch ' + name:<44} {h50:>8.1f} {h95:>8.1f}")
+    print(f"{'HTTP echo deployment (Serve floor, no model)':<44} {e50:>8.1f} {e95:>8.1f}")
+    for name, h50 in http50.items():
+        print(f"HTTP - raw p50, serve.batch {name}: {h50 - r50:+.1f} ms (goal <= +10 ms)")
+    off = http50[BATCH_CONFIGS[-1][0]]
+    print(f"  of which (batch off): decode + answer formatting {p50 - r50:+.1f} ms; Serve proxy/HTTP floor "
+          f"{e50:.1f} ms; the rest (replica's queue, asyncio/threads, response model) {off - p50 - e50:+.1f} ms")
+    print(f"\n{'throughput (req/s)':<32} {'c=1':>7} {'c=4':>7} {'c=16':>7} {'errors':>7}")
+    for name, _, _ in BATCH_CONFIGS:
+        row = [tput[(name, c)][0] for c in (1, 4, 16)]
+        errs = sum(tput[(name, c)][1] for c in (1, 4, 16))
+        print(f"{'serve.batch ' + name:<32} {row[0]:>7.1f} {row[1]:>7.1f} {row[2]:>7.1f} {errs:>7}")
+    print(f"{'raw predict, batches of 8':<32} {'':>7} {'':>7} {raw_tp:>7.1f}")
+    for name, _, _ in BATCH_CONFIGS[:-1]:
+        print(f"throughput at 16, serve.batch {name} / raw batched: {tput[(name, 16)][0] / raw_tp:.2f} (goal >= 0.90)")
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

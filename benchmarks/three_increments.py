@@ -54,6 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the whole chain runs once per seed")
     p.add_argument("--test-images", type=int, default=300, help="test images scored after each step")
     p.add_argument("--no-upper-bound", action="store_true", help="skip the all-classes-at-once model")
+    p.add_argument("--ray-address", default="local",
+                   help="the jobs' Ray cluster (RAY_ADDRESS): 'local' starts a private one per job, so a "
+                        "cluster already running on this machine is left alone; or a cluster address")
     p.add_argument("--json-out", default="", help="append one JSON line per seed to this file")
     return p
 
@@ -219,6 +222,7 @@ def main(args: argparse.Namespace) -> None:
 
             uri = stack.enter_context(mlflow_server(Path(stack.enter_context(tempfile.TemporaryDirectory()))))
         env["MLFLOW_TRACKING_URI"] = uri
+        env["RAY_ADDRESS"] = args.ray_address
         t0 = time.time()
         results = []
         for seed in (int(s) for s in args.seeds.split(",")):
