@@ -173,11 +173,14 @@ def test_compare_best_and_default_on_test(tiny_catalog, mlflow_uri, champion, lo
     for table in (comp.best, comp.default):
         assert len(table["HM"]) == 2 and all(0.0 <= v <= 1.0 for v in table["HM"])
         assert table["summary"]["HM"]["mean"] == pytest.approx(sum(table["HM"]) / 2)
+    diffs = [b - d for b, d in zip(comp.best["HM50"], comp.default["HM50"])]
+    assert comp.paired["HM50"]["mean"] == pytest.approx(sum(diffs) / 2)
     mlflow.set_experiment("tune-compare")
     with mlflow.start_run() as run:
         tuning.log_comparison(comp)
     logged = registry.client(mlflow_uri).get_run(run.info.run_id).data.metrics
     assert "compare_best_test_HM_mean" in logged and "compare_default_test_HM_ci95" in logged
+    assert logged["compare_paired_test_HM50_mean"] == pytest.approx(comp.paired["HM50"]["mean"])
 
 
 def test_load_config_errors(tiny_catalog, mlflow_uri, champion, tmp_path):

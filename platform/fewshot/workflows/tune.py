@@ -192,6 +192,7 @@ class Comparison:
     split: str
     best: dict            # {"HM": [...], "HM50": [...], ...} per seed, plus "summary"
     default: dict
+    paired: dict = field(default_factory=dict)  # best - default on the same draw: {"HM": {"mean", "ci95"}, ...}
 
 
 @dataclass
@@ -379,12 +380,17 @@ def compare_configs(prep: _Prepared, opts: TuneOptions, best_config: dict,
         out["summary"] = {k: _mean_ci(out[k]) for k in VAL_KEYS}
         return out
 
-    comp = Comparison(seeds=seeds, split=split, best=table("best"), default=table("default"))
+    best, base = table("best"), table("default")
+    paired = {k: _mean_ci([b - d for b, d in zip(best[k], base[k])]) for k in VAL_KEYS}
+    comp = Comparison(seeds=seeds, split=split, best=best, default=base, paired=paired)
     for name in ("best", "default"):
         s = getattr(comp, name)["summary"]
         print(f"[tune] {name:7s}: {split} HM = {s['HM']['mean']:.4f} ± {s['HM']['ci95']:.4f}, "
               f"HM50 = {s['HM50']['mean']:.4f} ± {s['HM50']['ci95']:.4f} (mean ± 95% CI, n={len(seeds)})",
               flush=True)
+    print(f"[tune] best - default, paired over the same draws: HM {paired['HM']['mean']:+.4f} ± "
+          f"{paired['HM']['ci95']:.4f}, HM50 {paired['HM50']['mean']:+.4f} ± {paired['HM50']['ci95']:.4f}",
+          flush=True)
     return comp
 
 
@@ -395,5 +401,8 @@ def log_comparison(comp: Comparison) -> None:
         for k, v in getattr(comp, name)["summary"].items():
             metrics[f"compare_{name}_{comp.split}_{k}_mean"] = v["mean"]
             metrics[f"compare_{name}_{comp.split}_{k}_ci95"] = v["ci95"]
+    for k, v in comp.paired.items():
+        metrics[f"compare_paired_{comp.split}_{k}_mean"] = v["mean"]
+        metrics[f"compare_paired_{comp.split}_{k}_ci95"] = v["ci95"]
     tracking.log_metrics(metrics)
     tracking.log_dict(asdict(comp), "comparison.json")
