@@ -165,13 +165,13 @@ def table(results: list[dict]) -> str:
         cells = []
         for c in cols:
             vals = [r["steps"][k].get(c) for r in results]
-            cells.append("-" if any(v is None for v in vals) else mean_ci95(100 * v for v in vals).format())
+            cells.append("-" if any(v is None for v in vals) else mean_ci95(vals).format())
         drop = "-" if k == 0 else mean_ci95(
-            100 * (r["steps"][k - 1]["base"] - r["steps"][k]["base"]) for r in results).format()
+            r["steps"][k - 1]["base"] - r["steps"][k]["base"] for r in results).format()
         gates = "; ".join(sorted({r["steps"][k]["gate"] for r in results}))
         lines.append(f"| {results[0]['steps'][k]['step']} | {gates} | " + " | ".join(cells) + f" | {drop} |")
     if all("joint" in r for r in results):
-        cells = [mean_ci95(100 * r["joint"][c] for r in results).format() for c in cols]
+        cells = [mean_ci95(r["joint"][c] for r in results).format() for c in cols]
         lines.append("| all 20 at once (upper bound) | - | " + " | ".join(cells) + " | - |")
     return "\n".join(lines)
 
@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> None:
                     f.write(json.dumps({**r, "args": vars(args)}) + "\n")
         text = table(results)
         print(f"\n{len(results)} seed(s), {args.shots} shots, preset {args.preset}, "
-              f"{args.test_images} test images; mean ± 95% CI in AP50 points ({time.time() - t0:.0f} s)\n")
+              f"{args.test_images} test images; mean ± 95% CI in AP50 points (MeanCI.format prints fractions as points) ({time.time() - t0:.0f} s)\n")
         print(text, flush=True)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("fewshot-increments")
