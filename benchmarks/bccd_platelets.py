@@ -14,7 +14,8 @@ Protocol (fixed before the run; nothing is chosen, so nothing is tuned on test):
 3. Per shot count K and seed, one episode as ``jobs/add_classes.py`` runs it with its defaults
    (``fewshot.learning.episode``: K Platelets shots + K replay shots of each base class, the new
    row imprinted, 150 steps, batch 8, AdamW lr 5e-4, 20 warm-up steps, ``--freeze head``, no
-   balancer, no distillation, no refinement).
+   balancer, no distillation, no refinement; ``--freeze none`` is the one non-default a run may
+   set: everything trains, the RPN included).
 4. The child is scored on the whole test split with pycocotools: nAP50 (Platelets) and bAP50
    (RBC, WBC); the parent's bAP50 on the same images is recorded once per variant.
 
@@ -62,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-steps", type=int, default=300, help="base training steps (batch 8)")
     p.add_argument("--base-seed", type=int, default=0, help="seed of the base training")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (add_classes' default)")
+    p.add_argument("--freeze", choices=["head", "rpn", "backbone", "none"], default="head",
+                   help="what trains in the fine-tune (add_classes' --freeze; default head: only the new "
+                        "classifier row; rpn: the RPN too; none: everything)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--bccd", default=str(BCCD), help="the BCCD VOC folder")
     p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-bccd-catalog"),
@@ -139,7 +143,7 @@ def run(args) -> None:
     parent_report = score(parent, parent_split, device="cpu")
     split = load_eval_split(catalog, "bccd", "test", BASE, NOVEL)
     cfg = TrainConfig(steps=args.steps, batch_size=8, lr=5e-4, warmup_steps=20, log_every=50)
-    method = MethodConfig(freeze="head")
+    method = MethodConfig(freeze=args.freeze)
     for shots in [int(k) for k in args.shots.split(",")]:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.perf_counter()
@@ -147,7 +151,7 @@ def run(args) -> None:
             child = fine_tune_episode(ep, cfg, method, device="cpu")
             report = score(child, split, device="cpu")
             out = {"variant": args.variant, "preset": VARIANTS[args.variant][0], "shots": shots,
-                   "seed": seed, "base_steps": args.base_steps, "steps": args.steps,
+                   "seed": seed, "freeze": args.freeze, "base_steps": args.base_steps, "steps": args.steps,
                    "test_images": report.num_images, "nAP50": round(report.nAP50, 4),
                    "bAP50": round(report.bAP50, 4), "parent_bAP50": round(parent_report.bAP50, 4),
                    "per_class_AP50": {k: round(v, 4) for k, v in report.per_class_AP50.items()},
@@ -156,7 +160,7 @@ def run(args) -> None:
             if base_info:
                 out.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in base_info.items()})
                 base_info = None
-            log(f"{args.variant} K={shots} seed {seed}: nAP50 {report.nAP50:.3f} bAP50 {report.bAP50:.3f} "
+            log(f"{args.variant} freeze={args.freeze} K={shots} seed {seed}: nAP50 {report.nAP50:.3f} bAP50 {report.bAP50:.3f} "
                 f"(parent {parent_report.bAP50:.3f}; {out['episode_s']:.0f} s)")
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(out) + "\n")
@@ -170,14 +174,16 @@ def summarize(path: str) -> str:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     by = defaultdict(dict)  # (variant, shots) -> seed -> row (the last line of a repeated draw wins)
     for r in rows:
-        by[(r["variant"], r["shots"])][r["seed"]] = r
+        by[(f"{r['variant']} --freeze {r.get('freeze', 'head')}", r["shots"])][r["seed"]] = r
     lines = ["| backbone | K | draws | nAP50 (Platelets) | bAP50 (RBC, WBC) | parent bAP50 |",
              "|---|---|---|---|---|---|"]
     for (variant, shots), draws in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         d = list(draws.values())
         lines.append(f"| {variant} | {shots} | {len(d)} | {mean_ci95(r['nAP50'] for r in d).format()} | "
                      f"{mean_ci95(r['bAP50'] for r in d).format()} | {d[0]['parent_bAP50'] * 100:.1f} |")
-    pairs = [("lite0-imagenet", "lite0-scratch"), ("lite0-imagenet", "cpu-small")]
+    pairs = [(f"lite0-imagenet --freeze {f}", f"{b} --freeze {f}") for f in ("head", "rpn", "backbone", "none")
+             for b in ("lite0-scratch", "cpu-small")]
+    pairs += [(f"lite0-imagenet --freeze {f}", "lite0-imagenet --freeze head") for f in ("rpn", "none")]
     diff_lines = []
     for a, b in pairs:
         for shots in sorted({s for (_, s) in by}):

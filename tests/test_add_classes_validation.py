@@ -71,6 +71,7 @@ def test_missing_champion_is_a_clear_error(tiny_catalog, mlflow_uri):
     (MethodOptions(balancer="pgb"), "--balancer pgb act on the shared RoI feature"),
     (MethodOptions(distill_beta=0.5, teacher="embedded"), "--distill-beta 0.5 act on the shared RoI feature"),
     (MethodOptions(distill_beta=0.5, freeze="backbone"), "needs a CLIP teacher"),
+    (MethodOptions(balancer="gradnorm", freeze="rpn"), "does not train with --freeze rpn"),
 ])
 def test_a_method_that_would_do_nothing_is_refused(method, expected, tiny_catalog, mlflow_uri, champion):
     novel = list(champion["split"].novel[:1])

@@ -50,6 +50,27 @@ def test_old_rows_bit_identical_after_expansion_and_fine_tuning():
         assert not torch.equal(predictor.cls_score.weight_new, new_before), "new rows must train"
 
 
+
+def test_rpn_policy_trains_the_proposals_and_the_new_rows_only():
+    """--freeze rpn: the RPN and the new classifier rows move; the backbone, the box head, the
+    box regressor and the old rows stay bit-identical."""
+    cfg = preset("cpu-small", min_size=96, max_size=96)
+    model = build_detector(cfg, num_classes=4)
+    images, targets = _batch(4)
+    expand_detector(model, images, targets, num_new=1)
+    counts = apply_freezing(model, "rpn")
+    assert counts["trainable_params"] > 0
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = make_optimizer(model, TrainConfig(lr=0.05))
+    for _ in range(3):
+        train_step(model, opt, images, targets, grad_clip=10.0)
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])}
+    assert any(k.startswith("rpn.") for k in moved)
+    assert "roi_heads.box_predictor.cls_score.weight_new" in moved
+    fixed = [k for k in before if k.startswith(("backbone.", "roi_heads.box_head.", "roi_heads.box_predictor.bbox_pred"))
+             or k == "roi_heads.box_predictor.cls_score.weight_old"]
+    assert fixed and not moved & set(fixed)
+
 def test_checkpoint_round_trip_keeps_block_shapes(tmp_path):
     from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
 

@@ -46,7 +46,7 @@ FreezePolicy = Literal[POLICIES]
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """``freeze``: which parameters train (``none``/``backbone``/``head``);
+    """``freeze``: which parameters train (``none``/``backbone``/``rpn``/``head``);
     ``balancer``: ``None`` (plain summed losses), ``fixed``, ``pgb`` or ``gradnorm``;
     ``balancer_momentum``: EMA smoothing of the balancer's weights (PGB) or norms
     (gradient-norm); ``distill_beta``: weight beta of the distillation loss (0: off);
@@ -93,8 +93,9 @@ class MethodOptions:
     config); :meth:`config` turns it into the :class:`MethodConfig` a run trains with."""
 
     freeze: FreezePolicy = "head"
-    """What trains: head = only the new classifier rows (old classes untouched); backbone = box
-    head and regressor too (backbone and RPN frozen); none = everything. The balancer and
+    """What trains: head = only the new classifier rows (old classes untouched); rpn = the new rows
+    and the region proposal network (for new classes the base RPN learnt as background); backbone
+    = box head and regressor with the new rows (backbone and RPN frozen); none = everything. The balancer and
     distillation act on the shared RoI feature, so they need backbone or none."""
     balancer: BalancerName | None = None
     """Task-gradient balancer where the shared RoI feature splits into the classification and

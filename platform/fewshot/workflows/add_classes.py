@@ -203,12 +203,12 @@ def _check_method(method: MethodOptions) -> None:
         method.check()
     except ValueError as err:
         raise AddClassesError(str(err)) from None
-    if method.freeze == "head" and (method.balancer or method.distill_beta > 0):
+    if method.freeze in ("head", "rpn") and (method.balancer or method.distill_beta > 0):
         what = " and ".join(w for w in (f"--balancer {method.balancer}" if method.balancer else "",
                                        f"--distill-beta {method.distill_beta:g}" if method.distill_beta > 0 else "") if w)
         raise AddClassesError(
-            f"{what} act on the shared RoI feature, which does not train with --freeze head (only the "
-            "new classifier rows do): it would change nothing. Pass --freeze backbone (box head trains) "
+            f"{what} act on the shared RoI feature, which does not train with --freeze {method.freeze} (only "
+            f"the new classifier rows{' and the RPN' if method.freeze == 'rpn' else ''} do): it would change nothing. Pass --freeze backbone (box head trains) "
             "or --freeze none, or drop it")
 
 
