@@ -74,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="folder for the base checkpoints (reused when present)")
     p.add_argument("--json-out", default=str(ROOT / "benchmarks" / "results_bccd_platelets.jsonl"),
                    help="append one JSON line per episode here")
+    p.add_argument("--proposal-recall", action="store_true",
+                   help="only print, per class, the share of test boxes the variant's base RPN proposes "
+                        "(IoU >= 0.5 and >= 0.3) and the median box side at the model's input")
     p.add_argument("--summarize", metavar="JSONL", default="",
                    help="only print the table of a results file (no training)")
     return p
@@ -166,6 +169,44 @@ def run(args) -> None:
                 f.write(json.dumps(out) + "\n")
 
 
+@torch.no_grad()
+def proposal_recall(args) -> None:
+    """Share of each class's test boxes that the base detector's RPN proposes (the ceiling a
+    frozen RPN puts on a new class's recall)."""
+    from torchvision.ops import box_iou
+
+    from fewshot.model.batches import decode_row_image
+
+    torch.set_num_threads(args.threads)
+    catalog = open_catalog(args)
+    parent, _ = base_checkpoint(args, catalog)
+    model = parent.build_model().eval()
+    by_name = catalog.manifest("bccd").category_by_name()
+    hits = defaultdict(lambda: [0, 0, 0, []])  # class -> [iou>=0.5, iou>=0.3, boxes, sides]
+    for row in catalog.read_split("bccd", "test").to_pylist():
+        image = decode_row_image(row["image"])
+        images, _ = model.transform([image])
+        proposals, _ = model.rpn(images, model.backbone(images.tensors))
+        h, w = images.image_sizes[0]
+        scale = torch.tensor([w / image.shape[-1], h / image.shape[-2]] * 2)
+        for name in BASE + NOVEL:
+            cid = by_name[name].id
+            gt = torch.tensor([b for b, c in zip(row["boxes"], row["category_ids"]) if c == cid],
+                              dtype=torch.float32).reshape(-1, 4) * scale
+            if not len(gt):
+                continue
+            iou = box_iou(gt, proposals[0]).max(dim=1).values
+            h_ = hits[name]
+            h_[0] += int((iou >= 0.5).sum())
+            h_[1] += int((iou >= 0.3).sum())
+            h_[2] += len(gt)
+            h_[3] += ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])).sqrt().tolist()
+    print(f"| {args.variant} base RPN | boxes | recall IoU 0.5 | recall IoU 0.3 | median side px |")
+    print("|---|---|---|---|---|")
+    for name, (r5, r3, n, sides) in hits.items():
+        print(f"| {name} | {n} | {r5 / n:.3f} | {r3 / n:.3f} | {sorted(sides)[len(sides) // 2]:.1f} |")
+
+
 def summarize(path: str) -> str:
     """The markdown table of a results file: per variant and K, nAP50 / bAP50 / parent bAP50
     (mean ± 95% CI, points), and pretrained - scratch paired over (K, seed)."""
@@ -202,6 +243,9 @@ def summarize(path: str) -> str:
 def main(args: argparse.Namespace) -> None:
     if args.summarize:
         print(summarize(args.summarize))
+        return
+    if args.proposal_recall:
+        proposal_recall(args)
         return
     run(args)
     print(summarize(args.json_out))
