@@ -50,7 +50,6 @@ def test_old_rows_bit_identical_after_expansion_and_fine_tuning():
         assert not torch.equal(predictor.cls_score.weight_new, new_before), "new rows must train"
 
 
-
 def test_rpn_policy_trains_the_proposals_and_the_new_rows_only():
     """--freeze rpn: the RPN and the new classifier rows move; the backbone, the box head, the
     box regressor and the old rows stay bit-identical."""
@@ -70,6 +69,7 @@ def test_rpn_policy_trains_the_proposals_and_the_new_rows_only():
     fixed = [k for k in before if k.startswith(("backbone.", "roi_heads.box_head.", "roi_heads.box_predictor.bbox_pred"))
              or k == "roi_heads.box_predictor.cls_score.weight_old"]
     assert fixed and not moved & set(fixed)
+
 
 def test_checkpoint_round_trip_keeps_block_shapes(tmp_path):
     from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
