@@ -1,7 +1,9 @@
 """A throwaway serving stack for the benchmarks: MLflow server, local Ray, Serve, one version.
 
 The version is a small untrained ``cpu-small`` detector with a CLIP refiner on an untrained
-embedded teacher (fusion weight 0.5): the same work per request as a trained one.
+embedded teacher (fusion weight 0.5), or, with ``checkpoint``, a trained detector a user
+supplies with that refiner (the teacher's cost does not depend on its weights; the number of
+boxes a detector returns does, and an untrained one returns its cap on every image).
 """
 from __future__ import annotations
 
@@ -41,25 +43,43 @@ def wait(url: str, timeout: float) -> None:
     raise TimeoutError(url)
 
 
-def make_version(work: Path, refine: bool = True) -> Path:
+def make_version(work: Path, refine: bool = True, checkpoint: Path | None = None,
+                 fusion_weight: float = 0.5) -> Path:
+    import shutil
+
     import torch
 
-    from fewshot.model.checkpoint import save_checkpoint, update_extra
+    from fewshot.model.checkpoint import load_checkpoint, save_checkpoint, update_extra
     from fewshot.model.presets import preset
     from fewshot.model.detector import build_detector
 
-    cfg = preset("cpu-small")
-    torch.manual_seed(0)
-    path = save_checkpoint(work / "detector.pt", build_detector(cfg, len(CLASSES) + 1), cfg, CLASSES,
-                           [1, 2, 3], "synthworld", "cs-bench")
+    if checkpoint is not None:
+        path = Path(shutil.copyfile(checkpoint, work / "detector.pt"))
+        classes = list(load_checkpoint(path).classes)
+    else:
+        cfg = preset("cpu-small")
+        torch.manual_seed(0)
+        classes = CLASSES
+        path = save_checkpoint(work / "detector.pt", build_detector(cfg, len(CLASSES) + 1), cfg, CLASSES,
+                               [1, 2, 3], "synthworld", "cs-bench")
     if refine:
         from fewshot.clip.refinement import Refiner
         from fewshot.clip.teacher import create_embedded_model, load_teacher, save_embedded_teacher
 
         model, name = create_embedded_model()
         spec = f"embedded:{save_embedded_teacher(work / 'teacher.pt', model, model_name=name)}"
-        update_extra(path, Refiner.build(load_teacher(spec), CLASSES, fusion_weight=0.5).to_extra())
+        update_extra(path, Refiner.build(load_teacher(spec), classes, fusion_weight=fusion_weight).to_extra())
     return path
+
+
+def bench_images(n: int, checkpoint: Path | None = None) -> list[bytes]:
+    """``n`` PNGs: the embedded world's test images for a trained ``checkpoint``, else
+    synthetic blobs (:func:`test_image`)."""
+    if checkpoint is None:
+        return [test_image(s) for s in range(n)]
+    from catalog.world import iter_split
+
+    return [row["image"] for row in iter_split("test", n)]
 
 
 def detector_and_refiner(path: Path):
@@ -73,7 +93,8 @@ def detector_and_refiner(path: Path):
 
 
 @contextmanager
-def serving_stack(user_config: dict | None = None):
+def serving_stack(user_config: dict | None = None, checkpoint: Path | None = None,
+                  fusion_weight: float = 0.5):
     """Yields (url, checkpoint path, deploy(user_config)); everything stops on exit."""
     import mlflow
     import ray
@@ -85,11 +106,14 @@ def serving_stack(user_config: dict | None = None):
     with tempfile.TemporaryDirectory() as tmp, mlflow_server(Path(tmp)) as uri:
         work = Path(tmp)
         try:
-            path = make_version(work)
+            path = make_version(work, checkpoint=checkpoint, fusion_weight=fusion_weight)
+            from fewshot.model.checkpoint import load_checkpoint
+
+            classes = list(load_checkpoint(path).classes)
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment("bench")
             with mlflow.start_run():
-                v = registry.register_detector(uri, MODEL, path, classes=CLASSES, class_set="cs-bench",
+                v = registry.register_detector(uri, MODEL, path, classes=classes, class_set="cs-bench",
                                                parent_version=None, shots=None)
             registry.set_alias(uri, MODEL, registry.CHAMPION, v.version)
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

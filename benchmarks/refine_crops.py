@@ -3,8 +3,14 @@ time) vs batched tensor crops and one teacher call (``fewshot.clip.answering.Ans
 
     PYTHONPATH=platform:. python benchmarks/refine_crops.py --batch 8 --repeats 5
 
-Same untrained cpu-small detector and embedded teacher as the serving benchmarks; one thread
-(as a 1-CPU replica). Prints the median of ``--repeats`` runs.
+By default the same untrained cpu-small detector and embedded teacher as the serving
+benchmarks on synthetic blobs (an untrained detector returns its cap of boxes per image: the
+worst case for refinement); ``--checkpoint`` times a trained detector on the embedded world's
+test images instead (e.g. the base model ``add_classes_wall.py`` trains), so the boxes per
+image are the ones a user's model returns. One thread (as a 1-CPU replica); the median of
+``--repeats`` runs.
+
+    PYTHONPATH=platform:. python benchmarks/refine_crops.py --checkpoint base/detector.pt
 """
 from __future__ import annotations
 
@@ -18,13 +24,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from _stack import detector_and_refiner, make_version, test_image
+from _stack import bench_images, detector_and_refiner, make_version
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per path (the median is printed)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a trained detector checkpoint: time it on the embedded world's test images "
+                        "(default: an untrained cpu-small detector on synthetic blobs)")
+    p.add_argument("--fusion-weight", type=float, default=0.5,
+                   help="the refiner's lambda (boxes that cannot reach the threshold are not embedded)")
+    p.add_argument("--threshold", type=float, default=0.3, help="the request's score_threshold")
     return p
 
 
@@ -34,15 +46,17 @@ def main(args) -> None:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        det, ans = detector_and_refiner(make_version(Path(tmp)))
-        data = [test_image(s) for s in range(args.batch)]
+        det, ans = detector_and_refiner(make_version(Path(tmp), checkpoint=args.checkpoint,
+                                                     fusion_weight=args.fusion_weight))
+        data = bench_images(args.batch, args.checkpoint)
         images = [Image.open(io.BytesIO(d)).convert("RGB") for d in data]
-        items = [Item(decode_image(d, model_size=ans.model_size), 0.3, True) for d in data]
-        unrefined = [Item(i.decoded, 0.3, False) for i in items]
+        thr = args.threshold
+        items = [Item(decode_image(d, model_size=ans.model_size), thr, True) for d in data]
+        unrefined = [Item(i.decoded, thr, False) for i in items]
 
         def old():
             outs = det.predict(images, 0.0)
-            return [ans.refiner.refine(im, o) for im, o in zip(images, outs)]
+            return [ans.refiner.refine(im, o, score_threshold=thr) for im, o in zip(images, outs)]
 
         def timed(fn):
             fn()
@@ -57,8 +71,14 @@ def main(args) -> None:
         t_old = timed(old)
         t_new = timed(lambda: ans.answer(items))
         boxes = sum(len(o) for o in det.predict(images, 0.0))
-    print(f"\nrefine_crops: batch of {args.batch} images (160x160), {boxes} boxes, 1 thread, "
+        lam = ans.refiner.fusion_weight
+        reach = sum(len(o) for o in det.predict(images, (thr - lam) / (1 - lam) - 1e-4)) if lam < 1 else boxes
+        answered = sum(len(a) for a in ans.answer(items))
+    source = args.checkpoint or "untrained cpu-small, synthetic blobs"
+    print(f"\nrefine_crops: {source}; batch of {args.batch} images (160x160), 1 thread, "
           f"torch {torch.__version__}; median of {args.repeats}")
+    print(f"boxes from the detector {boxes} ({boxes / args.batch:.1f} per image); "
+          f"can reach threshold {thr} at lambda {lam}: {reach} (embedded); answered: {answered}")
     print(f"{'path':<44} {'ms/batch':>9} {'vs no refinement':>17}")
     for name, t in (("detector only (Answerer, refine off)", t_none),
                     ("per-image PIL crops (Refiner.refine)", t_old),

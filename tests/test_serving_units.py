@@ -108,6 +108,23 @@ def test_batched_crops_match_the_teachers_crops():
     del rng
 
 
+def test_batched_crops_do_not_alias_when_they_shrink():
+    """A 2-px checkerboard cut from a 400 px square into 64 px: PIL's antialiased resize
+    gives near-flat grey; so must the batched crops (point sampling gives a moire, std ~87)."""
+    from catalog.captions import crop_box
+
+    yy, xx = np.mgrid[0:400, 0:400]
+    arr = (((xx // 2 + yy // 2) % 2) * 255).astype(np.uint8)[..., None].repeat(3, axis=2)
+    boxes = [[20, 20, 300, 300], [100, 50, 380, 200]]
+    ref = np.stack([crop_box(arr, b, size=64, context=0.2) for b in boxes]).astype(np.float32)
+    t = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+    got = crop_boxes([t], [torch.tensor(boxes, dtype=torch.float32)], 64, context=0.2)
+    got = got.permute(0, 2, 3, 1).numpy() * 255.0
+    assert ref.std() < 20.0  # what the teacher was trained on
+    assert got.std() < 20.0, got.std()
+    assert np.abs(got - ref).mean() < 8.0, np.abs(got - ref).mean()
+
+
 # ---- isolation -----------------------------------------------------------------------------
 
 def test_one_failing_item_fails_alone(detector):
@@ -120,6 +137,39 @@ def test_one_failing_item_fails_alone(detector):
     assert isinstance(out[1], RuntimeError)
     assert out[0] == alone[0] and out[2] == alone[1]
     assert len(out[0]) > 0  # an untrained detector still answers boxes at threshold 0
+
+
+def test_refinement_skips_only_the_boxes_that_cannot_reach_the_threshold(detector, tmp_path, monkeypatch):
+    """With fusion weight 0.2 and threshold 0.5, a box needs a detector score >= 0.375 to be
+    answered whatever CLIP says: only those are cropped and embedded, and the answer is the
+    one the unpruned path gives."""
+    import fewshot.clip.answering as answering
+    from fewshot.clip.refinement import Refiner
+    from fewshot.clip.teacher import create_embedded_model, load_teacher, save_embedded_teacher
+
+    model, name = create_embedded_model()
+    spec = f"embedded:{save_embedded_teacher(tmp_path / 'teacher.pt', model, model_name=name)}"
+    refiner = Refiner.build(load_teacher(spec), list(detector.classes), fusion_weight=0.2)
+    refiner.set_teacher(load_teacher(spec))
+    ans = Answerer(detector, refiner)
+    images = [DecodedImage(scene(seed=s), 160, 120) for s in range(3)]
+    # an untrained detector scores its boxes ~0.25-0.5: make the threshold split them
+    raw = ans._detect({i: ans._to_tensor(d.image) for i, d in enumerate(images)})
+    scores = torch.cat([raw[i]["scores"] for i in raw])
+    cut = float(scores.median())
+    thr = 0.2 + 0.8 * cut  # reachable iff score >= cut
+    embedded = []
+    real = answering.clip_probs_batched
+    monkeypatch.setattr(answering, "clip_probs_batched",
+                        lambda r, ims, bxs: embedded.append(sum(len(b) for b in bxs)) or real(r, ims, bxs))
+    items = [Item(d, thr, True) for d in images]
+    pruned = ans.answer(items)
+    monkeypatch.setattr(Answerer, "_reachable", lambda self, out, threshold: out)
+    full = ans.answer(items)
+    assert pruned == full and any(pruned)
+    assert 0 < embedded[0] < embedded[1] == scores.numel()
+    # every reachable box is embedded, and nothing further below than the rounding margin
+    assert int((scores >= cut).sum()) <= embedded[0] <= int((scores >= cut - 1e-3).sum())
 
 
 def test_answers_are_in_upload_pixels(detector):

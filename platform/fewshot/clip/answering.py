@@ -115,7 +115,10 @@ class Answerer:
             if isinstance(out, Exception):
                 results[i] = out
         ok = [i for i in raw if not isinstance(raw[i], Exception)]
-        to_refine = [i for i in ok if items[i].refine and self.can_refine and raw[i]["boxes"].shape[0]]
+        refine_ok = [i for i in ok if items[i].refine and self.can_refine]
+        for i in refine_ok:
+            raw[i] = self._reachable(raw[i], items[i].score_threshold)
+        to_refine = [i for i in refine_ok if raw[i]["boxes"].shape[0]]
         # a refiner whose fusion weight is 0 leaves the scores as they are: no teacher call
         probs = self._clip({i: tensors[i] for i in to_refine}, {i: raw[i]["boxes"] for i in to_refine})
         del tensors
@@ -129,6 +132,18 @@ class Answerer:
             except Exception as err:
                 results[i] = err
         return results
+
+    def _reachable(self, out: dict, threshold: float) -> dict:
+        """Only the boxes whose fused score can still reach ``threshold``: with fusion weight
+        lambda, ``(1 - lambda) * s_det + lambda * p_clip <= (1 - lambda) * s_det + lambda``,
+        so a box below ``(threshold - lambda) / (1 - lambda)`` is never answered and is not
+        cropped or embedded (a small margin keeps those the 4-decimal rounding could lift)."""
+        lam = self.refiner.fusion_weight
+        keep = (1.0 - lam) * out["scores"].float() + lam >= threshold - 1e-4
+        if bool(keep.all()):
+            return out
+        n = keep.shape[0]
+        return {k: (v[keep] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v) for k, v in out.items()}
 
     def _format(self, item: Item, out: dict, probs: torch.Tensor | None, refined: bool = False) -> list[dict]:
         sx, sy = item.decoded.scale

@@ -3,14 +3,13 @@
 :func:`crop_boxes` cuts the same square, context-padded crops as
 :func:`catalog.captions.crop_box` (the crops the teacher was trained and fitted on: the
 box's longer side times ``1 + 2 * context``, at least ``min_side``, centred on the box,
-border pixels repeated outside the image), but for every box of an image in one
-``torchvision.ops.roi_align`` call on the images' device (adaptive sampling stands in for
-PIL's antialiased resize). :func:`clip_probs_batched` embeds all crops
-with one teacher call and turns them into class probabilities.
+border pixels repeated outside the image), but for every box of an image at once on the
+images' device (bilinear ``grid_sample`` on a box-filtered pyramid stands in for PIL's
+antialiased resize). :func:`clip_probs_batched` embeds all crops with one teacher call and
+turns them into class probabilities.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -36,26 +35,41 @@ def crop_boxes(images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], si
     """Crops [N, 3, size, size] (values as in ``images``) of all ``boxes`` ([n_i, 4] pixels
     of image i, [3, H_i, W_i]) in order: image 0's boxes first.
 
-    ``torchvision.ops.roi_align`` with adaptive sampling (each output pixel averages the
-    source pixels it covers, like an antialiased resize) on the image padded by repeating
-    its border as far as the squares reach outside it."""
-    from torchvision.ops import roi_align
-
+    Mip-mapped bilinear sampling: each square is read from the level of a 2x box-filtered
+    pyramid of its image (``avg_pool2d``) where one output pixel covers at most one source
+    pixel, at the output pixels' centres, with one ``grid_sample`` call per level; points
+    outside the image repeat its border (``padding_mode="border"``). This stands in for
+    PIL's antialiased resize (mean absolute difference < 1 of 255 on the catalog's crops)
+    and is 6-7x faster on one CPU thread than ``roi_align`` with adaptive sampling, which
+    it replaced (``benchmarks/refine_crops.py``)."""
     out = []
+    frac = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     for image, bx in zip(images, boxes, strict=True):
         if bx.shape[0] == 0:
             continue
         if image.ndim != 3:
             raise ValueError(f"expected a [3, H, W] image, got shape {tuple(image.shape)}")
-        _, h, w = image.shape
         sq = square_boxes(bx.to(image.device), context, min_side)
-        reach = torch.cat([-sq[:, :2].min(dim=0).values, sq[:, 2:].max(dim=0).values - sq.new_tensor([w, h])])
-        pad = int(math.ceil(max(float(reach.max()), 0.0))) + 1
+        side = sq[:, 2] - sq[:, 0]
+        # pyramid level: the first whose pixels are at least as large as an output pixel
+        level = torch.ceil(torch.log2(side / size)).clamp(min=0).long()
+        crops = image.new_empty((sq.shape[0], image.shape[0], size, size), dtype=torch.float32)
         src = image.float().unsqueeze(0)
-        if pad > 0:
-            src = F.pad(src, (pad, pad, pad, pad), mode="replicate")
-        rois = torch.cat([sq.new_zeros((sq.shape[0], 1)), sq + pad], dim=1)
-        out.append(roi_align(src, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True))
+        f = frac.to(image.device)
+        for lv in range(int(level.max()) + 1):
+            if lv > 0:
+                src = F.avg_pool2d(src, 2, ceil_mode=True, count_include_pad=False)
+            sel = (level == lv).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            s = sq[sel] / float(2 ** lv)               # level pixels; pixel i's centre at i + 0.5
+            h, w = src.shape[-2:]
+            gx = 2.0 * (s[:, 0:1] + f * (s[:, 2:3] - s[:, 0:1])) / w - 1.0   # [n, size]
+            gy = 2.0 * (s[:, 1:2] + f * (s[:, 3:4] - s[:, 1:2])) / h - 1.0
+            grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], dim=-1)
+            crops[sel] = F.grid_sample(src.expand(sel.numel(), -1, -1, -1), grid, mode="bilinear",
+                                       padding_mode="border", align_corners=False)
+        out.append(crops)
     if not out:
         c = images[0].shape[0] if len(images) else 3
         return torch.zeros((0, c, size, size))

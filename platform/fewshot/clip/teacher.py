@@ -259,7 +259,9 @@ class Teacher:
                  device: str | torch.device | None = None, batch_size: int = 256,
                  templates: Sequence[str] = DEFAULT_PROMPT_TEMPLATES, box_context: float = 0.2):
         device = resolve_device(device)  # None: CUDA when available, else the CPU
-        self.model = model.eval().to(device)
+        # channels-last convolutions: the crop batches of refinement run 1.8x faster on one CPU
+        # thread (benchmarks/refine_crops.py); same values, only the weights' memory layout
+        self.model = model.eval().to(device).to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -320,7 +322,8 @@ class Teacher:
         """Normalised pixel batch [N, 3, S, S] -> L2-normalised embeddings [N, E]."""
         out = []
         for i in range(0, x.shape[0], self.batch_size):
-            f = self.model.encode_image(x[i:i + self.batch_size].to(self.device))
+            chunk = x[i:i + self.batch_size].to(self.device).contiguous(memory_format=torch.channels_last)
+            f = self.model.encode_image(chunk)
             out.append(F.normalize(f.float(), dim=-1).cpu())
         if not out:
             return torch.zeros((0, self.embed_dim))
