@@ -58,18 +58,20 @@ def main(args) -> None:
             outs = det.predict(images, 0.0)
             return [ans.refiner.refine(im, o, score_threshold=thr) for im, o in zip(images, outs)]
 
-        def timed(fn):
-            fn()
-            runs = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
+        def interleaved(*fns):
+            """Median ms of each of ``fns``, run in turn ``--repeats`` times (interleaved, so a
+            slow moment of a shared machine falls on every path alike)."""
+            runs: list[list[float]] = [[] for _ in fns]
+            for fn in fns:
                 fn()
-                runs.append((time.perf_counter() - t0) * 1000)
-            return statistics.median(runs)
+            for _ in range(args.repeats):
+                for fn, times in zip(fns, runs):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append((time.perf_counter() - t0) * 1000)
+            return [statistics.median(times) for times in runs]
 
-        t_none = timed(lambda: ans.answer(unrefined))
-        t_old = timed(old)
-        t_new = timed(lambda: ans.answer(items))
+        t_none, t_old, t_new = interleaved(lambda: ans.answer(unrefined), old, lambda: ans.answer(items))
         boxes = sum(len(o) for o in det.predict(images, 0.0))
         lam = ans.refiner.fusion_weight
         reach = sum(len(o) for o in det.predict(images, (thr - lam) / (1 - lam) - 1e-4)) if lam < 1 else boxes

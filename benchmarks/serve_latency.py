@@ -13,12 +13,20 @@
 
 Each figure is the median of ``--repeats`` runs. Refinement off (the detector alone), so the
 figures compare the serving overhead. Prints device, precision and versions.
+
+``--direct-ingress`` starts Ray with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` (experimental in
+Ray 2.60): every ingress replica then also serves HTTP on a port of its own (30000-31000), so
+a load balancer can reach it without the proxy hop. The HTTP rows then go to the replica's
+port (the echo floor too, to its own replica's port), and one row still goes through the
+proxy for comparison.
 """
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
+import socket
 import statistics
 import threading
 import time
@@ -31,10 +39,44 @@ from _stack import detector_and_refiner, serving_stack, test_image
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="runs per figure (the median is printed)")
     p.add_argument("--seconds", type=float, default=5.0, help="per throughput run")
     p.add_argument("--iters", type=int, default=30, help="requests per latency run")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: send the HTTP rows to the replica's own port")
     return p
+
+
+DIRECT_PORTS = range(30000, 30100)  # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT and up
+
+
+def listening(ports=DIRECT_PORTS) -> set[int]:
+    """The ports of ``ports`` something listens on at 127.0.0.1."""
+    found = set()
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                found.add(port)
+    return found
+
+
+def replica_url(proxy_url: str, direct: bool, timeout: float = 120.0) -> str:
+    """Where the HTTP rows go: the proxy, or the detector replica's own port (found by its
+    ``/healthz``; a redeploy may start a new replica on another port)."""
+    if not direct:
+        return proxy_url
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for port in sorted(listening()):
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                if r.status_code == 200 and "model" in r.json():
+                    return f"http://127.0.0.1:{port}"
+            except (requests.RequestException, ValueError):
+                pass
+        time.sleep(0.5)
+    raise TimeoutError("no direct-ingress detector replica answered /healthz")
 
 
 def pct(xs, q):
@@ -130,6 +172,8 @@ def http_throughput(url, data, clients, seconds):
 
 
 def main(args) -> None:
+    if args.direct_ingress:  # read when Ray and Serve start; the replicas inherit it
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     import ray
     import torch
     from PIL import Image
@@ -138,27 +182,39 @@ def main(args) -> None:
     data = test_image(0)
     image = Image.open(io.BytesIO(data)).convert("RGB")
     med = statistics.median
-    with serving_stack({"max_batch_size": 8, "batch_wait_timeout_s": 0.005}) as (url, path, deploy):
+    with serving_stack({"max_batch_size": 8, "batch_wait_timeout_s": 0.005}) as (proxy_url, path, deploy):
+        url, via_proxy = replica_url(proxy_url, args.direct_ingress), None
+        if args.direct_ingress:
+            via_proxy = [http_latency(proxy_url, data, args.iters) for _ in range(args.repeats)]
         torch.set_num_threads(1)  # as the 1-CPU replica (Ray sets OMP_NUM_THREADS=1)
         det, answerer = detector_and_refiner(path)
         raw = [raw_latency(det, image, args.iters) for _ in range(args.repeats)]
         replica = [replica_path_latency(answerer, data, args.iters) for _ in range(args.repeats)]
         raw_tp = med([raw_batched_throughput(det, image, args.seconds) for _ in range(args.repeats)])
         del det, answerer
+        before = listening() if args.direct_ingress else set()
         serve.run(serve.deployment(Echo, ray_actor_options={"num_cpus": 0}).bind(), name="echo",
                   route_prefix="/echo")
-        echo = [http_latency(url, data, args.iters, path="/echo") for _ in range(args.repeats)]
+        echo_url = url
+        if args.direct_ingress:
+            new = listening() - before
+            if len(new) != 1:
+                raise RuntimeError(f"expected the echo replica's port, found {sorted(new)}")
+            echo_url = f"http://127.0.0.1:{new.pop()}"
+        echo = [http_latency(echo_url, data, args.iters, path="/echo") for _ in range(args.repeats)]
         serve.delete("echo")
         tput, http_cfg = {}, {}
         for name, size, wait in BATCH_CONFIGS:
             deploy({"max_batch_size": size, "batch_wait_timeout_s": wait})
+            url = replica_url(proxy_url, args.direct_ingress)
             http_cfg[name] = [http_latency(url, data, args.iters) for _ in range(args.repeats)]
             for clients in (1, 4, 16):
                 runs = [http_throughput(url, data, clients, args.seconds) for _ in range(args.repeats)]
                 tput[(name, clients)] = (med([r for r, _ in runs]), sum(e for _, e in runs))
     print(f"\nserve_latency: device cpu ({platform.processor() or platform.machine()}, shared 2-core "
           f"machine), precision float32, torch {torch.__version__}, ray {ray.__version__}; "
-          f"image 160x160 PNG, cpu-small detector, refinement off; median of {args.repeats} repeats")
+          f"image 160x160 PNG, cpu-small detector, refinement off; median of {args.repeats} repeats; "
+          f"HTTP {'to the replica port (direct ingress)' if args.direct_ingress else 'through the Serve proxy'}")
     r50, r95 = med([a for a, _ in raw]), med([b for _, b in raw])
     p50, p95 = med([a for a, _ in replica]), med([b for _, b in replica])
     e50, e95 = med([a for a, _ in echo]), med([b for _, b in echo])
@@ -171,6 +227,9 @@ def main(args) -> None:
         http50[name] = h50
         print(f"{'HTTP /v1/detect, serve.batch ' + name:<44} {h50:>8.1f} {h95:>8.1f}")
     print(f"{'HTTP echo deployment (Serve floor, no model)':<44} {e50:>8.1f} {e95:>8.1f}")
+    if via_proxy:
+        v50, v95 = med([a for a, _ in via_proxy]), med([b for _, b in via_proxy])
+        print(f"{'HTTP /v1/detect via the proxy (wait 5 ms)':<44} {v50:>8.1f} {v95:>8.1f}")
     for name, h50 in http50.items():
         print(f"HTTP - raw p50, serve.batch {name}: {h50 - r50:+.1f} ms (goal <= +10 ms)")
     off = http50[BATCH_CONFIGS[-1][0]]

@@ -125,6 +125,34 @@ def test_batched_crops_do_not_alias_when_they_shrink():
     assert np.abs(got - ref).mean() < 8.0, np.abs(got - ref).mean()
 
 
+def test_boxes_on_the_same_square_share_one_crop(tmp_path):
+    from fewshot.clip.batch_crops import clip_probs_batched, shared_crops
+    from fewshot.clip.refinement import Refiner, clip_class_probs
+    from fewshot.clip.teacher import create_embedded_model, load_teacher, save_embedded_teacher
+
+    # 56 px squares cut into 64 px crops: the tolerance is 0.44 image pixels
+    boxes = torch.tensor([[10.0, 10, 50, 40], [10.2, 10.1, 50.1, 40.2], [60.0, 60, 100, 100],
+                          [10.0, 10, 50, 40], [11.0, 10, 51, 40]])
+    keep, owner = shared_crops(boxes, 64, context=0.2)
+    assert keep.tolist() == [0, 2, 4] and owner.tolist() == [0, 0, 1, 0, 2]
+    keep, owner = shared_crops(boxes, 64, context=0.2, tolerance_px=0.0)
+    assert keep.tolist() == [0, 1, 2, 4] and owner.tolist() == [0, 1, 2, 0, 3]
+
+    model, name = create_embedded_model()
+    teacher = load_teacher(f"embedded:{save_embedded_teacher(tmp_path / 't.pt', model, model_name=name)}")
+    refiner = Refiner.build(teacher, ["a", "b", "c"], fusion_weight=0.5)
+    refiner.set_teacher(teacher)
+    image = torch.from_numpy(np.asarray(scene(seed=3))).permute(2, 0, 1).float() / 255.0
+    got = clip_probs_batched(refiner, [image, image[:, :60, :60]], [boxes, torch.zeros((0, 4))])
+    assert got[0].shape == (5, 3) and got[1].shape == (0, 3)
+    crops = crop_boxes([image], [boxes], teacher.image_size, context=teacher.box_context).clamp(0, 1)
+    exact = clip_class_probs(teacher.encode_pixels((crops - teacher._mean) / teacher._std),
+                             refiner.prompt_embeddings, refiner.temperature)
+    assert torch.allclose(got[0][[0, 2, 3, 4]], exact[[0, 2, 3, 4]], atol=1e-5)
+    assert torch.equal(got[0][1], got[0][0])
+    assert (got[0][1] - exact[1]).abs().max() < 0.02  # what sharing changed: under half a crop pixel
+
+
 # ---- isolation -----------------------------------------------------------------------------
 
 def test_one_failing_item_fails_alone(detector):
