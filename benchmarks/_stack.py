@@ -173,3 +173,35 @@ def test_image(seed: int = 0, w: int = 160, h: int = 160) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+DIRECT_PORTS = range(30000, 30100)  # RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT and up
+
+
+def listening(ports=DIRECT_PORTS) -> set[int]:
+    """The ports of ``ports`` something listens on at 127.0.0.1."""
+    found = set()
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                found.add(port)
+    return found
+
+
+def replica_url(proxy_url: str, direct: bool, timeout: float = 120.0) -> str:
+    """Where the HTTP rows go: the proxy, or the detector replica's own port (found by its
+    ``/healthz``; a redeploy may start a new replica on another port)."""
+    if not direct:
+        return proxy_url
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for port in sorted(listening()):
+            try:
+                r = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                if r.status_code == 200 and "model" in r.json():
+                    return f"http://127.0.0.1:{port}"
+            except (requests.RequestException, ValueError):
+                pass
+        time.sleep(0.5)
+    raise TimeoutError("no direct-ingress detector replica answered /healthz")

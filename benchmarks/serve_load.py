@@ -10,11 +10,13 @@ Serve (one replica, 1 CPU). Not a test: the figures depend on the machine.
 By default the version is an untrained cpu-small detector on synthetic blobs (it returns its
 cap of boxes per image, the worst case for refinement); ``--checkpoint`` serves a trained
 detector on the embedded world's test images instead, and the table says how many boxes an
-answer carries.
+answer carries. ``--direct-ingress`` sends the clients to the replica's own port
+(``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, see ``serve_latency.py``) instead of the proxy.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 
@@ -23,7 +25,7 @@ import requests
 
 from pathlib import Path
 
-from _stack import bench_images, serving_stack
+from _stack import bench_images, replica_url, serving_stack
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,6 +37,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="serve this trained detector checkpoint on the world's test images "
                         "(default: an untrained cpu-small detector on synthetic blobs)")
     p.add_argument("--fusion-weight", type=float, default=0.5, help="the refiner's lambda")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the clients call the replica's own port")
     return p
 
 
@@ -87,21 +91,25 @@ def load(url: str, clients: int, duration: float, warmup: float, refine: bool, i
 
 
 def main(args) -> None:
+    if args.direct_ingress:  # read when Ray and Serve start; the replicas inherit it
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     import ray
     import torch
 
     rows = []
     images = bench_images(8, args.checkpoint)
-    with serving_stack(checkpoint=args.checkpoint, fusion_weight=args.fusion_weight) as (url, _, deploy):
+    with serving_stack(checkpoint=args.checkpoint, fusion_weight=args.fusion_weight) as (proxy_url, _, deploy):
         for batching in (True, False):
             deploy({"max_batch_size": 8 if batching else 1, "batch_wait_timeout_s": 0.01 if batching else 0.0})
+            url = replica_url(proxy_url, args.direct_ingress)
             for refine in (False, True):
                 r = load(url, args.clients, args.duration, args.warmup, refine, images)
                 rows.append({"batching": "on" if batching else "off", "refine": "on" if refine else "off", **r})
                 print(rows[-1], flush=True)
     model = args.checkpoint or "untrained cpu-small detector, synthetic blobs"
     print(f"\nserve_load: {args.clients} clients x {args.duration:g} s per row; {model}; fusion weight "
-          f"{args.fusion_weight}; 1 replica (1 CPU), torch {torch.__version__}, ray {ray.__version__}")
+          f"{args.fusion_weight}; {'direct ingress' if args.direct_ingress else 'through the proxy'}; "
+          f"1 replica (1 CPU), torch {torch.__version__}, ray {ray.__version__}")
     print(f"{'batching':>8} {'refine':>6} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8} "
           f"{'p99 ms':>8} {'req/s':>7} {'boxes/answer':>12}")
     for r in rows:
