@@ -70,7 +70,7 @@ def crop_boxes(images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], si
     pyramid of its image (``avg_pool2d``) where one output pixel covers at most one source
     pixel, at the output pixels' centres, with one ``grid_sample`` call per level; points
     outside the image repeat its border (``padding_mode="border"``). This stands in for
-    PIL's antialiased resize (mean absolute difference < 1 of 255 on the catalog's crops)
+    PIL's antialiased resize (mean absolute difference 0.82 of 255 on the serving benchmarks' images)
     and is 6-7x faster on one CPU thread than ``roi_align`` with adaptive sampling, which
     it replaced (``benchmarks/refine_crops.py``)."""
     out = []
