@@ -33,6 +33,8 @@ from fewshot.metrics.coco_eval import load_eval_split
 from fewshot.learning.method import MethodConfig
 from fewshot.learning.loop import TrainConfig
 from fewshot.model.devices import resolve_device, resolve_precision
+from fewshot.model.trunk_cache import TrunkCache
+from fewshot.learning.freezing import FROZEN_TRUNK_POLICIES
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class UnitSpec:
     val_images: int | None = 100
     gpus: float = 0.0           # the task holds this many GPUs: run on its CUDA device (else the CPU)
     precision: str = "auto"     # fewshot.model.devices.resolve_precision on that device
+    trunk_cache: bool = True    # share the frozen trunk's features across variants (exact)
 
     @property
     def device(self) -> str | None:
@@ -108,6 +111,9 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
     test = load_eval_split(catalog, ep.dataset, "test", base, ep.new_classes, spec.test_images)
     val = load_eval_split(catalog, ep.dataset, "val", base, ep.new_classes, spec.val_images)
     start = expand_parent(ep, device=device)
+    # every variant fine-tunes and is scored on the same frozen trunk: compute its features
+    # and proposals once per image (exact; fewshot.model.trunk_cache)
+    cache = TrunkCache() if spec.freeze in FROZEN_TRUNK_POLICIES and spec.trunk_cache else None
 
     trained: dict[tuple[str, bool], tuple[DetectorCheckpoint, list[dict]]] = {}
     rows = []
@@ -120,15 +126,17 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                                   teacher_dim=teacher.embed_dim if teacher is not None else None)
             say(f"{spec.shots}-shot seed {spec.seed}: training {name}")
             child = fine_tune_episode(ep, spec.train, method, start=start, teacher=teacher,
-                                      device=device, precision=precision)
-            trained[v.training_key] = (child, predict(child, test, device=device, precision=precision))
+                                      device=device, precision=precision, trunk_cache=cache)
+            trained[v.training_key] = (child, predict(child, test, device=device, precision=precision,
+                                                      trunk_cache=cache))
         child, test_results = trained[v.training_key]
         fusion_weight = None
         if v.refine:
             from fewshot.clip.refinement import fit_refiner
 
             refiner = fit_refiner(teacher, ep.child_classes, ep.child_ids, val,
-                                  predict(child, val, device=device, precision=precision))
+                                  predict(child, val, device=device, precision=precision,
+                                          trunk_cache=cache))
             fusion_weight = refiner.fusion_weight
             report = score(child, test, refiner=refiner, results=test_results)
         else:

@@ -29,6 +29,7 @@ from fewshot.model.checkpoint import strip_training_heads
 from fewshot.model.devices import resolve_device
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, predict_rows
 from fewshot.model.expansion import expand_detector
+from fewshot.model.trunk_cache import TrunkCache
 from fewshot.learning.method import MethodConfig, TeacherEmbedder, finetune
 from fewshot.learning.loop import TrainConfig
 
@@ -105,11 +106,12 @@ def fine_tune_episode(ep: Episode, cfg: TrainConfig, method: MethodConfig, *,
                       start: DetectorCheckpoint | None = None, teacher=None,
                       on_log: Callable[[int, dict[str, float]], None] | None = None,
                       progress: bool = False, device: str | torch.device | None = None,
-                      precision: str = "auto") -> DetectorCheckpoint:
+                      precision: str = "auto", trunk_cache: TrunkCache | None = None
+                      ) -> DetectorCheckpoint:
     """Fine-tune the expanded parent (``start``, default :func:`expand_parent`) on the
     episode's support rows on ``device`` (default: CUDA when available, else the CPU) at
     ``precision``; ``teacher`` (needed when ``method`` distils) embeds the support boxes for the
-    distillation targets."""
+    distillation targets. ``trunk_cache``: see :func:`fewshot.learning.method.finetune`."""
     start = start or expand_parent(ep, device=device)
     rows = ep.rows
     if method.distills:
@@ -117,16 +119,19 @@ def fine_tune_episode(ep: Episode, cfg: TrainConfig, method: MethodConfig, *,
             raise ValueError("this method distils (beta > 0): pass the teacher")
         rows = TeacherEmbedder(teacher)(rows)
     model = finetune(start, rows, cfg, method, seed=ep.seed, on_log=on_log, progress=progress,
-                     device=device, precision=precision)
+                     device=device, precision=precision, trunk_cache=trunk_cache)
     return to_checkpoint(model, start)
 
 
 def predict(checkpoint: DetectorCheckpoint, split: EvalSplit, batch_size: int = 8, *,
-            device: str | torch.device | None = None, precision: str = "fp32") -> list[dict]:
+            device: str | torch.device | None = None, precision: str = "fp32",
+            trunk_cache: TrunkCache | None = None) -> list[dict]:
     """COCO results of ``checkpoint`` on ``split``'s images, run on ``device`` (default: CUDA
-    when available, else the CPU) at ``precision`` (the one the version was validated with)."""
+    when available, else the CPU) at ``precision`` (the one the version was validated with);
+    ``trunk_cache``: shared with other models of the same trunk (:mod:`fewshot.model.trunk_cache`)."""
     return predict_rows(checkpoint.build_model(), split.rows, checkpoint.category_ids,
-                        batch_size=batch_size, device=device, precision=precision)
+                        batch_size=batch_size, device=device, precision=precision,
+                        trunk_cache=trunk_cache)
 
 
 def score(checkpoint: DetectorCheckpoint, split: EvalSplit, refiner=None,

@@ -34,6 +34,7 @@ from catalog.schema import TEACHER_EMB_COLUMN
 from fewshot.model.checkpoint import DetectorCheckpoint
 from fewshot.model.batches import class_index, prefetch, random_batches
 from fewshot.model.devices import pin_batch, resolve_device
+from fewshot.model.trunk_cache import TrunkCache, cached_trunk
 from fewshot.clip.distillation import DistillationHead, attach_distillation, roi_feature_dim
 from fewshot.balancers import balancer_names
 from fewshot.learning.freezing import POLICIES, apply_freezing
@@ -171,11 +172,14 @@ def finetune(
     model: nn.Module | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
+    trunk_cache: TrunkCache | None = None,
 ) -> nn.Module:
     """Train ``start`` (or ``model``, already built from it) on catalog ``rows`` in this
     process on ``device`` (default: CUDA when available, else the CPU) at ``precision``;
     returns the trained model (on ``device``) in eval mode, distillation head still attached
-    (``save_checkpoint`` drops it). ``rows`` may carry ``teacher_emb``."""
+    (``save_checkpoint`` drops it). ``rows`` may carry ``teacher_emb``. ``trunk_cache``: read
+    the frozen backbone's features and RPN's proposals through it
+    (:mod:`fewshot.model.trunk_cache`; the method must freeze both, ``backbone`` or ``head``)."""
     device = resolve_device(device)
     torch.manual_seed(seed)
     model = model if model is not None else start.build_model()
@@ -186,8 +190,9 @@ def finetune(
                              uint8=True)
     if device.type == "cuda":  # decode and pin the next batches while the GPU runs this one
         batches = prefetch(batches, depth=2, fn=lambda b: pin_batch(*b))
-    train(model, batches, cfg, on_log=on_log, extra_metrics=balancer_metrics(balancer),
-          progress=progress, optimizer=optimizer, device=device, precision=precision)
+    with cached_trunk(model, trunk_cache):
+        train(model, batches, cfg, on_log=on_log, extra_metrics=balancer_metrics(balancer),
+              progress=progress, optimizer=optimizer, device=device, precision=precision)
     model.eval()
     return model
 

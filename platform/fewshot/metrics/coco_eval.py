@@ -20,6 +20,7 @@ from torch import nn
 
 from fewshot.model.batches import decode_row_image_uint8
 from fewshot.model.devices import autocast, move_batch, resolve_device, resolve_precision
+from fewshot.model.trunk_cache import TrunkCache, cached_trunk
 
 
 @dataclass
@@ -58,11 +59,14 @@ def predict_rows(
     *,
     device: str | torch.device | None = None,
     precision: str = "fp32",
+    trunk_cache: TrunkCache | None = None,
 ) -> list[dict]:
     """Run the detector over catalog rows on ``device`` (default: CUDA when available, else the
     CPU; the model is moved there) at ``precision`` (autocast for bf16/fp16: evaluate a
     version in the precision it was validated with); COCO result dicts (category ids, xywh
-    boxes). Images are decoded to uint8 on the host and become float on the device."""
+    boxes). Images are decoded to uint8 on the host and become float on the device.
+    ``trunk_cache``: reuse the backbone features and proposals another model with the same
+    trunk computed on these images (:mod:`fewshot.model.trunk_cache`)."""
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     model.to(device).eval()
@@ -85,12 +89,13 @@ def predict_rows(
                 })
         batch.clear()
 
-    for row in rows:
-        batch.append(row)
-        if len(batch) == batch_size:
+    with cached_trunk(model, trunk_cache, for_training=False):
+        for row in rows:
+            batch.append(row)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
     return results
 
 

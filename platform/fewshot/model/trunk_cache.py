@@ -1,0 +1,163 @@
+"""Memoise a frozen detector trunk (backbone + FPN features and RPN proposals) per input image.
+
+When the backbone and the RPN are frozen (``--freeze backbone`` or ``head``), every fine-tuning
+step recomputes, for each image of its batch, features and proposals that can never change:
+the few-shot support set holds a few dozen images (twice that with horizontal flips), and a
+fine-tune of 100-150 steps × 8 images sees each of them ten times or more. The ablation and a
+Tune trial fine-tune several variants from the same trunk and score each of them on the same
+val/test images. :func:`cached_trunk` swaps the detector's ``backbone`` and ``rpn`` for
+wrappers that look every image up in a :class:`TrunkCache` first and run the real modules only
+on the images they have not seen; the RoI heads (what trains) run as before.
+
+What it changes, and why that is exact:
+
+- the key is a digest of the image tensor the backbone receives (after the model's resize,
+  normalisation and batch padding), with the mode that changes the RPN's output (training
+  uses ``rpn_pre/post_nms_top_n_train``) and the autograd mode;
+- the frozen RPN's losses are not computed: they depend on no trainable parameter, so they
+  add nothing to any gradient (the loop's logged total loss leaves out those two constants);
+- a batch's features are computed on the images not yet cached as their own, smaller batch:
+  frozen batch norm and group norm make each image's features independent of the others', up
+  to float rounding of the convolution kernels chosen per batch size (``tests/test_trunk_cache.py``
+  checks the detections against the uncached model).
+
+The cache refuses a model whose backbone or RPN has a parameter that trains, and a model whose
+trunk weights differ from the ones it was filled with (a fingerprint of their values).
+Math layer: no ray, no mlflow.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from torchvision.models.detection.image_list import ImageList
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    data = t.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((tuple(data.shape), str(data.dtype))).encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.dtype == torch.bfloat16
+             else data.numpy().tobytes())
+    return h.digest()
+
+
+def trunk_fingerprint(model: nn.Module) -> bytes:
+    """A digest of the backbone's and the RPN's weights and buffers (what the cache memoises)."""
+    h = hashlib.blake2b(digest_size=16)
+    for prefix, module in (("backbone", model.backbone), ("rpn", model.rpn)):
+        for name, t in module.state_dict().items():
+            h.update(f"{prefix}.{name}".encode())
+            h.update(_digest(t))
+    return h.digest()
+
+
+def trainable_trunk_parameters(model: nn.Module) -> list[str]:
+    return [f"{prefix}.{name}" for prefix, module in (("backbone", model.backbone), ("rpn", model.rpn))
+            for name, p in module.named_parameters() if p.requires_grad]
+
+
+class TrunkCache:
+    """Features and proposals of a frozen trunk, per image; share one between models that have
+    the same trunk weights (the variants of one ablation draw, the draws of one Tune trial)."""
+
+    def __init__(self) -> None:
+        self.fingerprint: bytes | None = None
+        self.features: dict[tuple, "OrderedDict[str, torch.Tensor]"] = {}
+        self.proposals: dict[tuple, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def bind(self, model: nn.Module, for_training: bool = True) -> None:
+        """Check that ``model``'s trunk is the one this cache holds (or take it) and, when it is
+        about to train, that no parameter of it trains."""
+        trainable = trainable_trunk_parameters(model) if for_training else []
+        if trainable:
+            raise ValueError(f"the trunk cache needs a frozen backbone and RPN; these train: "
+                             f"{trainable[:3]}{' ...' if len(trainable) > 3 else ''}")
+        fp = trunk_fingerprint(model)
+        if self.fingerprint is None:
+            self.fingerprint = fp
+        elif fp != self.fingerprint:
+            raise ValueError("this trunk cache holds another model's features (the backbone or RPN "
+                             "weights differ); use one cache per trunk")
+
+
+def _mode_key() -> tuple:
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
+            torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
+
+
+class _CachedBackbone(nn.Module):
+    def __init__(self, inner: nn.Module, cache: TrunkCache):
+        super().__init__()
+        self.inner = inner
+        self.cache = cache
+        self.out_channels = getattr(inner, "out_channels", None)
+        self.last_keys: list[tuple] = []
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        mode = (_mode_key(), self.inner.training)
+        keys = [(_digest(img), mode) for img in x]
+        missing = [i for i, k in enumerate(keys) if k not in self.cache.features]
+        if missing:
+            computed = self.inner(x[missing])
+            for j, i in enumerate(missing):
+                self.cache.features[keys[i]] = OrderedDict((n, f[j]) for n, f in computed.items())
+        self.cache.misses += len(missing)
+        self.cache.hits += len(keys) - len(missing)
+        self.last_keys = keys
+        per_image = [self.cache.features[k] for k in keys]
+        return OrderedDict((n, torch.stack([f[n] for f in per_image])) for n in per_image[0])
+
+
+class _CachedRPN(nn.Module):
+    def __init__(self, inner: nn.Module, backbone: _CachedBackbone, cache: TrunkCache):
+        super().__init__()
+        self.inner = inner
+        self.backbone = [backbone]  # a list: not a registered submodule (no second copy in the tree)
+        self.cache = cache
+
+    def forward(self, images: ImageList, features, targets=None):
+        keys = [(k, tuple(size), self.inner.training)
+                for k, size in zip(self.backbone[0].last_keys, images.image_sizes)]
+        if len(keys) != len(images.image_sizes):
+            raise RuntimeError("the cached RPN ran without the cached backbone's keys")
+        missing = [i for i, k in enumerate(keys) if k not in self.cache.proposals]
+        if missing:
+            sub = ImageList(images.tensors[missing], [images.image_sizes[i] for i in missing])
+            sub_features = OrderedDict((n, f[missing]) for n, f in features.items())
+            sub_targets = [targets[i] for i in missing] if targets is not None else None
+            proposals, _frozen_losses = self.inner(sub, sub_features, sub_targets)
+            for j, i in enumerate(missing):
+                self.cache.proposals[keys[i]] = proposals[j].detach()
+        return [self.cache.proposals[k] for k in keys], {}
+
+
+@contextmanager
+def cached_trunk(model: nn.Module, cache: TrunkCache | None, for_training: bool = True
+                 ) -> Iterator[nn.Module]:
+    """Within the block, ``model`` (a torchvision Faster R-CNN) reads its frozen trunk through
+    ``cache``; afterwards it is the plain model again (its state dict is unchanged). ``None``:
+    no caching (the block runs the plain model). ``for_training=False`` (inference only) skips
+    the check that the trunk's parameters do not train."""
+    if cache is None:
+        yield model
+        return
+    cache.bind(model, for_training)
+    backbone, rpn = model.backbone, model.rpn
+    wrapped = _CachedBackbone(backbone, cache)
+    model.backbone = wrapped
+    model.rpn = _CachedRPN(rpn, wrapped, cache)
+    try:
+        yield model
+    finally:
+        model.backbone, model.rpn = backbone, rpn
