@@ -60,6 +60,7 @@ def test_training_losses_and_gradients_match_the_plain_model(parent, tiny_catalo
         model.roi_heads.fg_bg_sampler.batch_size_per_image = 100_000
         model.train()
         with cached_trunk(model, cache):
+            assert set(model.state_dict()) == set(parent.state_dict)  # a save inside is a plain one
             losses = model(images, targets)
             if cache is not None:  # the second pass reads features and proposals from the cache
                 assert cache.misses == 4 and cache.hits == 0
@@ -67,7 +68,7 @@ def test_training_losses_and_gradients_match_the_plain_model(parent, tiny_catalo
                 assert cache.hits == 4
         sum(losses.values()).backward()
         grads = {n: p.grad.clone() for n, p in model.roi_heads.named_parameters() if p.grad is not None}
-        assert set(model.state_dict()) == set(parent.build_model().state_dict())  # unwrapped after
+        assert "forward" not in vars(model.backbone) and "forward" not in vars(model.rpn)  # restored
         return losses, grads
 
     plain_losses, plain_grads = step(None)
@@ -100,3 +101,15 @@ def test_refuses_a_trunk_that_trains_or_another_models_trunk(parent):
     with pytest.raises(ValueError, match="another model's features"):
         with cached_trunk(frozen, cache, for_training=False):
             pass
+
+
+def test_the_policies_it_serves_are_the_ones_that_freeze_the_trunk(parent):
+    from fewshot.learning.freezing import POLICIES
+    from fewshot.model.trunk_cache import FROZEN_TRUNK_POLICIES, trainable_trunk_parameters, use_trunk_cache
+
+    for policy in POLICIES:
+        model = parent.build_model()
+        apply_freezing(model, policy)
+        assert (not trainable_trunk_parameters(model)) == (policy in FROZEN_TRUNK_POLICIES), policy
+    assert use_trunk_cache("head", "cpu") and not use_trunk_cache("rpn", "cpu")
+    assert not use_trunk_cache("head", "cuda")

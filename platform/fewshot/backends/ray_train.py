@@ -34,6 +34,7 @@ from fewshot.model.batches import class_index, columnar_to_rows, decode_column_b
 from fewshot.model.devices import grad_scaler, pin_batch, resolve_precision
 from fewshot.model.checkpoint import DISTILL_HEAD_ATTR as HEAD_ATTR
 from fewshot.learning.method import MethodConfig, balancer_metrics, prepare_for_training
+from fewshot.model.trunk_cache import TrunkCache, cached_trunk, use_trunk_cache
 from fewshot.learning.loop import TrainConfig, make_optimizer, train
 
 CHECKPOINT_FILE = "detector.pt"
@@ -169,9 +170,13 @@ def train_loop_per_worker(config: dict) -> None:
         if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.train.steps:
             save_and_report(step, metrics)
 
-    last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=balancer_metrics(balancer),
-                 progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer,
-                 device=device, precision=precision, scaler=scaler)
+    # a few-shot fine-tune with a frozen trunk sees each support image many times: compute its
+    # features and proposals once (fewshot.model.trunk_cache; the saved checkpoints are plain)
+    cache = TrunkCache() if use_trunk_cache(spec.method.freeze, device) else None
+    with cached_trunk(model, cache):
+        last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=balancer_metrics(balancer),
+                     progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer,
+                     device=device, precision=precision, scaler=scaler)
     save_and_report(spec.train.steps, last)
 
 

@@ -29,6 +29,7 @@ from fewshot.backends import registry
 from fewshot.backends.tuned_configs import TUNABLE_KEYS, apply_to
 from fewshot.balancers import balancer_names
 from fewshot.learning.episode import expand_parent, score, to_checkpoint
+from fewshot.model.trunk_cache import TrunkCache, trunk_fingerprint, use_trunk_cache
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodOptions, finetune
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit
@@ -134,6 +135,10 @@ def run_trial(config: dict, payload: TrialPayload) -> None:
     device = resolve_device(payload.device)
     precision = resolve_precision(payload.precision, device)
     earlier: dict[int, list[dict[str, float]]] = {}  # step -> figures of the draws done so far
+    # every draw's start shares the parent's trunk: under a frozen-trunk policy its features
+    # and proposals (support and val images) are computed once per actor, not once per
+    # draw, eval and trial (fewshot.model.trunk_cache; exact)
+    cache = _actor_trunk_cache(payload.draws[0].start) if use_trunk_cache(method.freeze, device) else None
 
     for i, draw in enumerate(payload.draws):
         last = i == len(payload.draws) - 1
@@ -142,7 +147,7 @@ def run_trial(config: dict, payload: TrialPayload) -> None:
 
         def on_eval(step: int, smoothed: dict[str, float], model=model, draw=draw, last=last) -> None:
             figures = val_metrics(score(to_checkpoint(model, draw.start), payload.val, device=device,
-                                        precision=precision))
+                                        precision=precision, trunk_cache=cache))
             if not last:
                 earlier.setdefault(step, []).append(figures)
                 return
@@ -152,7 +157,21 @@ def run_trial(config: dict, payload: TrialPayload) -> None:
                          **{f"train_{k}": v for k, v in smoothed.items() if k != "lr"}})
 
         finetune(draw.start, rows, tcfg, method, seed=draw.seed, on_log=on_eval, model=model,
-                 device=device, precision=precision)
+                 device=device, precision=precision, trunk_cache=cache)
+
+
+_ACTOR_CACHES: dict[bytes, TrunkCache] = {}
+
+
+def _actor_trunk_cache(start) -> TrunkCache:
+    """The trunk cache of ``start``'s trunk in this process (Tune reuses a trial's actor for
+    the next trial: the next one finds the support and val images' features already there)."""
+    model = start.build_model()
+    key = trunk_fingerprint(model)
+    if key not in _ACTOR_CACHES:
+        _ACTOR_CACHES.clear()  # another parent: drop the old trunk's features
+        _ACTOR_CACHES[key] = TrunkCache()
+    return _ACTOR_CACHES[key]
 
 
 # ---- MLflow: one nested run per trial ----------------------------------------------------------
@@ -313,8 +332,11 @@ def _finetune_and_score(episode, cfg: TrainConfig, method, split: EvalSplit, thr
     device = resolve_device(None if gpus > 0 else "cpu")
     precision = resolve_precision(precision, device)
     start = expand_parent(episode, device=device)
-    model = finetune(start, episode.rows, cfg, method, seed=episode.seed, device=device, precision=precision)
-    return val_metrics(score(to_checkpoint(model, start), split, device=device, precision=precision))
+    cache = TrunkCache() if use_trunk_cache(method.freeze, device) else None
+    model = finetune(start, episode.rows, cfg, method, seed=episode.seed, device=device, precision=precision,
+                     trunk_cache=cache)
+    return val_metrics(score(to_checkpoint(model, start), split, device=device, precision=precision,
+                             trunk_cache=cache))
 
 
 def run_finetunes(jobs: dict, split: EvalSplit, cpus: int, on_done=None, *, gpus: float = 0.0,

@@ -33,8 +33,7 @@ from fewshot.metrics.coco_eval import load_eval_split
 from fewshot.learning.method import MethodConfig
 from fewshot.learning.loop import TrainConfig
 from fewshot.model.devices import resolve_device, resolve_precision
-from fewshot.model.trunk_cache import TrunkCache
-from fewshot.learning.freezing import FROZEN_TRUNK_POLICIES
+from fewshot.model.trunk_cache import TrunkCache, use_trunk_cache
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
     start = expand_parent(ep, device=device)
     # every variant fine-tunes and is scored on the same frozen trunk: compute its features
     # and proposals once per image (exact; fewshot.model.trunk_cache)
-    cache = TrunkCache() if spec.freeze in FROZEN_TRUNK_POLICIES and spec.trunk_cache else None
+    cache = TrunkCache() if spec.trunk_cache and use_trunk_cache(spec.freeze, device) else None
 
     trained: dict[tuple[str, bool], tuple[DetectorCheckpoint, list[dict]]] = {}
     rows = []

@@ -136,11 +136,13 @@ def predict(checkpoint: DetectorCheckpoint, split: EvalSplit, batch_size: int = 
 
 def score(checkpoint: DetectorCheckpoint, split: EvalSplit, refiner=None,
           results: list[dict] | None = None, *, device: str | torch.device | None = None,
-          precision: str = "fp32") -> EvalReport:
+          precision: str = "fp32", trunk_cache: TrunkCache | None = None) -> EvalReport:
     """bAP/nAP of ``checkpoint`` on ``split``; with ``refiner`` (:class:`fewshot.clip.refinement.Refiner`)
     the scores are fused with CLIP's at the refiner's weight first. ``device``/``precision``:
-    where and how the predictions are made when ``results`` is not given."""
-    results = predict(checkpoint, split, device=device, precision=precision) if results is None else results
+    where and how the predictions are made when ``results`` is not given; ``trunk_cache``: see
+    :func:`predict`."""
+    if results is None:
+        results = predict(checkpoint, split, device=device, precision=precision, trunk_cache=trunk_cache)
     if refiner is not None:
         from fewshot.clip.refinement import refine_results
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 from torch import nn
 
 POLICIES = ("none", "backbone", "rpn", "head")
-# policies under which the backbone and the RPN never change (fewshot.model.trunk_cache applies)
-FROZEN_TRUNK_POLICIES = ("backbone", "head")
 
 
 def apply_freezing(model: nn.Module, policy: str) -> dict[str, int]:

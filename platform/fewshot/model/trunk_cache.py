@@ -5,9 +5,9 @@ step recomputes, for each image of its batch, features and proposals that can ne
 the few-shot support set holds a few dozen images (twice that with horizontal flips), and a
 fine-tune of 100-150 steps × 8 images sees each of them ten times or more. The ablation and a
 Tune trial fine-tune several variants from the same trunk and score each of them on the same
-val/test images. :func:`cached_trunk` swaps the detector's ``backbone`` and ``rpn`` for
-wrappers that look every image up in a :class:`TrunkCache` first and run the real modules only
-on the images they have not seen; the RoI heads (what trains) run as before.
+val/test images. Inside :func:`cached_trunk` the detector's ``backbone`` and ``rpn`` look
+every image up in a :class:`TrunkCache` first and run their own forward only on the images
+they have not seen; the RoI heads (what trains) run as before.
 
 What it changes, and why that is exact:
 
@@ -90,26 +90,40 @@ class TrunkCache:
                              "weights differ); use one cache per trunk")
 
 
+# the freezing policies under which the backbone and the RPN never change
+# (fewshot.learning.freezing.POLICIES; a name here, so this module imports no learning code)
+FROZEN_TRUNK_POLICIES = ("backbone", "head")
+
+
+def use_trunk_cache(freeze: str, device: torch.device | str) -> bool:
+    """Whether a run should read its trunk through a cache: the policy freezes the trunk, and
+    the run is on the CPU. On a GPU the trunk costs milliseconds, and the digest's copy of
+    every image to the host would eat most of what the cache saves (not measured here)."""
+    return freeze in FROZEN_TRUNK_POLICIES and torch.device(device).type == "cpu"
+
+
 def _mode_key() -> tuple:
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
             torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None,
             torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
 
 
-class _CachedBackbone(nn.Module):
-    def __init__(self, inner: nn.Module, cache: TrunkCache):
-        super().__init__()
-        self.inner = inner
-        self.cache = cache
-        self.out_channels = getattr(inner, "out_channels", None)
+class _TrunkReader:
+    """The cached forwards of one model's backbone and RPN (installed as instance ``forward``
+    attributes, so module names and the state dict stay as they are)."""
+
+    def __init__(self, backbone: nn.Module, rpn: nn.Module, cache: TrunkCache):
+        self.backbone, self.rpn, self.cache = backbone, rpn, cache
+        self.plain_backbone = type(backbone).forward.__get__(backbone)
+        self.plain_rpn = type(rpn).forward.__get__(rpn)
         self.last_keys: list[tuple] = []
 
-    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        mode = (_mode_key(), self.inner.training)
+    def backbone_forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        mode = (_mode_key(), self.backbone.training)
         keys = [(_digest(img), mode) for img in x]
         missing = [i for i, k in enumerate(keys) if k not in self.cache.features]
         if missing:
-            computed = self.inner(x[missing])
+            computed = self.plain_backbone(x[missing])
             for j, i in enumerate(missing):
                 self.cache.features[keys[i]] = OrderedDict((n, f[j]) for n, f in computed.items())
         self.cache.misses += len(missing)
@@ -118,25 +132,16 @@ class _CachedBackbone(nn.Module):
         per_image = [self.cache.features[k] for k in keys]
         return OrderedDict((n, torch.stack([f[n] for f in per_image])) for n in per_image[0])
 
-
-class _CachedRPN(nn.Module):
-    def __init__(self, inner: nn.Module, backbone: _CachedBackbone, cache: TrunkCache):
-        super().__init__()
-        self.inner = inner
-        self.backbone = [backbone]  # a list: not a registered submodule (no second copy in the tree)
-        self.cache = cache
-
-    def forward(self, images: ImageList, features, targets=None):
-        keys = [(k, tuple(size), self.inner.training)
-                for k, size in zip(self.backbone[0].last_keys, images.image_sizes)]
-        if len(keys) != len(images.image_sizes):
+    def rpn_forward(self, images: ImageList, features, targets=None):
+        if len(self.last_keys) != len(images.image_sizes):
             raise RuntimeError("the cached RPN ran without the cached backbone's keys")
+        keys = [(k, tuple(size), self.rpn.training) for k, size in zip(self.last_keys, images.image_sizes)]
         missing = [i for i, k in enumerate(keys) if k not in self.cache.proposals]
         if missing:
             sub = ImageList(images.tensors[missing], [images.image_sizes[i] for i in missing])
             sub_features = OrderedDict((n, f[missing]) for n, f in features.items())
             sub_targets = [targets[i] for i in missing] if targets is not None else None
-            proposals, _frozen_losses = self.inner(sub, sub_features, sub_targets)
+            proposals, _frozen_losses = self.plain_rpn(sub, sub_features, sub_targets)
             for j, i in enumerate(missing):
                 self.cache.proposals[keys[i]] = proposals[j].detach()
         return [self.cache.proposals[k] for k in keys], {}
@@ -145,19 +150,19 @@ class _CachedRPN(nn.Module):
 @contextmanager
 def cached_trunk(model: nn.Module, cache: TrunkCache | None, for_training: bool = True
                  ) -> Iterator[nn.Module]:
-    """Within the block, ``model`` (a torchvision Faster R-CNN) reads its frozen trunk through
-    ``cache``; afterwards it is the plain model again (its state dict is unchanged). ``None``:
-    no caching (the block runs the plain model). ``for_training=False`` (inference only) skips
-    the check that the trunk's parameters do not train."""
+    """Within the block, ``model`` (a torchvision Faster R-CNN, not a DDP wrapper: pass the
+    module it wraps) reads its frozen trunk through ``cache``; its modules, names and state dict
+    stay as they are (a checkpoint saved inside the block is a plain one). ``None``: no caching.
+    ``for_training=False`` (inference only) skips the check that the trunk does not train."""
     if cache is None:
         yield model
         return
     cache.bind(model, for_training)
-    backbone, rpn = model.backbone, model.rpn
-    wrapped = _CachedBackbone(backbone, cache)
-    model.backbone = wrapped
-    model.rpn = _CachedRPN(rpn, wrapped, cache)
+    reader = _TrunkReader(model.backbone, model.rpn, cache)
+    model.backbone.forward = reader.backbone_forward
+    model.rpn.forward = reader.rpn_forward
     try:
         yield model
     finally:
-        model.backbone, model.rpn = backbone, rpn
+        del model.backbone.forward
+        del model.rpn.forward
