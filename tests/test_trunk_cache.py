@@ -113,3 +113,14 @@ def test_the_policies_it_serves_are_the_ones_that_freeze_the_trunk(parent):
         assert (not trainable_trunk_parameters(model)) == (policy in FROZEN_TRUNK_POLICIES), policy
     assert use_trunk_cache("head", "cpu") and not use_trunk_cache("rpn", "cpu")
     assert not use_trunk_cache("head", "cuda")
+
+
+def test_a_full_cache_computes_new_images_without_keeping_them(parent, split):
+    plain = predict_rows(_model(parent), split.rows, parent.category_ids, batch_size=3)
+    one_image = sum(f.numel() * f.element_size() for f in parent.build_model().eval().backbone(
+        torch.zeros(1, 3, 160, 160)).values())
+    cache = TrunkCache(max_bytes=int(2.5 * one_image))
+    got = predict_rows(_model(parent), split.rows, parent.category_ids, batch_size=3, trunk_cache=cache)
+    assert len(cache.features) == 2 and len(cache.proposals) == 2 and cache.bytes <= cache.max_bytes
+    assert [(r["image_id"], r["category_id"]) for r in got] == [(r["image_id"], r["category_id"]) for r in plain]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in plain], abs=1e-5)

@@ -99,10 +99,13 @@ def _predict_task(checkpoint, split, precision: str) -> list[dict]:
     return predict(checkpoint, split, device=None, precision=precision)  # the task's GPU
 
 
-def predict_on(cluster: ClusterOptions, checkpoint, split, precision: str = "fp32") -> list[dict]:
+def predict_on(cluster: ClusterOptions, checkpoint, split, precision: str = "fp32",
+               trunk_cache=None) -> list[dict]:
     """COCO results of ``checkpoint`` on ``split`` where the job's models run: this process's
     GPU with --gpu when it has one, else a Ray task holding --gpus-per-worker GPUs (a driver
-    on a CPU-only head node), else this CPU; in ``precision`` (the version's)."""
+    on a CPU-only head node), else this CPU; in ``precision`` (the version's). ``trunk_cache``
+    (:class:`fewshot.model.trunk_cache.TrunkCache`): shared by models of one trunk when they
+    run in this process."""
     import torch
 
     from fewshot.learning.episode import predict
@@ -112,4 +115,5 @@ def predict_on(cluster: ClusterOptions, checkpoint, split, precision: str = "fp3
         return ray.get(task.remote(checkpoint, split, precision))
     device = cluster.device()
     return predict(checkpoint, split, device=device,
-                   precision=precision if precision != "auto" else resolve_precision("auto", device))
+                   precision=precision if precision != "auto" else resolve_precision("auto", device),
+                   trunk_cache=trunk_cache)

@@ -42,6 +42,7 @@ from catalog.overlap import SharedImagesError, assert_disjoint
 from catalog.schema import TEACHER_EMB_COLUMN
 from fewshot.backends import promotion, ray_train, registry, tracking
 from fewshot.backends.cluster import ClusterOptions, ensure_ray, predict_on
+from fewshot.model.trunk_cache import TrunkCache, use_trunk_cache
 from fewshot.backends.ray_train import PRECISION_KEY
 from fewshot.clip.refinement import EXTRA_KEY as REFINER_KEY
 from fewshot.learning.episode import Episode, expand_parent, refine_checkpoint_file, score
@@ -327,10 +328,11 @@ class _Scores:
     unrefined: EvalReport
 
 
-def _score_both(ckpt: DetectorCheckpoint, split: EvalSplit, refiner, cluster: ClusterOptions) -> _Scores:
+def _score_both(ckpt: DetectorCheckpoint, split: EvalSplit, refiner, cluster: ClusterOptions,
+                trunk_cache: TrunkCache | None = None) -> _Scores:
     """One prediction pass (on the job's device, in the version's own precision); the served
     figures apply ``refiner`` when there is one."""
-    results = predict_on(cluster, ckpt, split, ckpt.extra.get(PRECISION_KEY, "fp32"))
+    results = predict_on(cluster, ckpt, split, ckpt.extra.get(PRECISION_KEY, "fp32"), trunk_cache)
     raw = score(ckpt, split, results=results)
     return _Scores(served=score(ckpt, split, refiner=refiner, results=results) if refiner is not None else raw,
                    unrefined=raw)
@@ -423,8 +425,10 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         kill_point("after_finetune")
         child_ckpt = load_checkpoint(final)
         precision = child_ckpt.extra.get(PRECISION_KEY, "fp32")  # what the worker trained in
+        # parent and child share the trunk when it was frozen: score its features once per image
+        eval_cache = TrunkCache() if use_trunk_cache(method.freeze, opts.cluster.device()) else None
         with clock("evaluate"):
-            child_val_results = predict_on(opts.cluster, child_ckpt, plan.val, precision)
+            child_val_results = predict_on(opts.cluster, child_ckpt, plan.val, precision, eval_cache)
         refiner = None
         if plan.refine:
             with clock("refine_fit"):
@@ -436,7 +440,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         print(f"scoring parent and child on {len(plan.val.rows)} val images (the gate) ...", flush=True)
         clock.start("evaluate")
         parent_val_split = _base_only(plan.val)
-        parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster)
+        parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster, eval_cache)
         child_val_raw = score(child_ckpt, plan.val, results=child_val_results)
         child_val = _Scores(served=score(child_ckpt, plan.val, refiner=refiner, results=child_val_results)
                             if refiner is not None else child_val_raw, unrefined=child_val_raw)
@@ -460,8 +464,9 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                                        "ones the gate used)"}
         if plan.test is not None:
             print(f"reporting on {len(plan.test.rows)} test images ...", flush=True)
-            parent_test = _score_both(parent_ckpt, _base_only(plan.test), plan.parent_refiner, opts.cluster)
-            child_test = _score_both(child_ckpt, plan.test, refiner, opts.cluster)
+            parent_test = _score_both(parent_ckpt, _base_only(plan.test), plan.parent_refiner, opts.cluster,
+                                      eval_cache)
+            child_test = _score_both(child_ckpt, plan.test, refiner, opts.cluster, eval_cache)
             tracking.log_eval_report(parent_test.served, prefix="parent_test_")
             tracking.log_eval_report(child_test.served, prefix="test_", novel=set(plan.new_classes),
                                      parent_per_class=parent_test.served.per_class_AP50)
