@@ -110,24 +110,32 @@ def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[
     return "\n".join(lines), cells
 
 
-def verdicts(rows: list[dict], cells: list[dict], shots: list[int]) -> list[str]:
-    """The issue's goal, checked: 'all' against 'baseline' per shot count, as the two
-    intervals and as the paired difference over the same draws (same seed, same support set)."""
+def verdicts(rows: list[dict], cells: list[dict], shots: list[int],
+             parent_bAP50: float | None = None) -> list[str]:
+    """The issue's goals, checked per shot count: the full method against 'baseline' as the two
+    intervals and as the paired difference over the same draws (same seed, same support set):
+    'all' (with refinement) and 'pgb-distill' (its detector unrefined: the detector's own
+    learning); with ``parent_bAP50``, each variant's bAP50 against the parent's."""
     from fewshot.metrics.stats import mean_ci95
 
     out = []
     get = {(c["variant"], c["shots"]): c for c in cells}
     by = {(r["variant"], r["shots"], r["seed"]): r for r in rows}
     for k in shots:
-        a, b = get.get(("all", k)), get.get(("baseline", k))
-        if a is None or b is None:
-            continue
-        seeds = sorted({s for (v, kk, s) in by if v == "all" and kk == k and ("baseline", k, s) in by})
-        paired = {m: mean_ci95(by[("all", k, s)][m] - by[("baseline", k, s)][m] for s in seeds)
-                  for m in ("nAP50", "bAP50")}
-        sep = "non-overlapping" if not a["nAP50"].overlaps(b["nAP50"]) else "overlapping"
-        out.append(f"{k}-shot: all - baseline = {paired['nAP50'].format()} nAP50 (paired over "
-                   f"{len(seeds)} draws; the two intervals are {sep}), {paired['bAP50'].format()} bAP50")
+        for full in ("all", "pgb-distill"):
+            a, b = get.get((full, k)), get.get(("baseline", k))
+            if a is None or b is None:
+                continue
+            seeds = sorted({s for (v, kk, s) in by if v == full and kk == k and ("baseline", k, s) in by})
+            paired = {m: mean_ci95(by[(full, k, s)][m] - by[("baseline", k, s)][m] for s in seeds)
+                      for m in ("nAP50", "bAP50")}
+            sep = "non-overlapping" if not a["nAP50"].overlaps(b["nAP50"]) else "overlapping"
+            out.append(f"{k}-shot: {full} - baseline = {paired['nAP50'].format()} nAP50 (paired over "
+                       f"{len(seeds)} draws; the two intervals are {sep}), {paired['bAP50'].format()} bAP50")
+        if parent_bAP50 is not None:
+            drops = ", ".join(f"{c['variant']} {100 * (c['bAP50'].mean - parent_bAP50):+.1f}"
+                              for c in cells if c["shots"] == k)
+            out.append(f"{k}-shot: bAP50 - parent's ({100 * parent_bAP50:.1f}) in points: {drops}")
     return out
 
 
@@ -171,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       warmup_steps=20, log_every=max(1, args.steps))
 
+    from fewshot.learning.episode import score
+    from fewshot.metrics.coco_eval import load_eval_split
+
+    print(f"scoring the parent on {args.test_images} test images ...", flush=True)
+    parent_bAP50 = score(parent, load_eval_split(Catalog(args.catalog), args.dataset, "test", parent.classes,
+                                                 (), args.test_images), device="cpu").bAP50
+    print(f"parent bAP50 {100 * parent_bAP50:.1f}", flush=True)
+
     ensure_ray(args.ray_address)
     parent_ref_obj = ray.put(parent)
 
@@ -202,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - started
 
     table, cells = summarize(rows, variants, shots)
-    notes = verdicts(rows, cells, shots)
+    notes = verdicts(rows, cells, shots, parent_bAP50)
     print("\nmean nAP50 / bAP50 in points, ± the 95% confidence interval over "
           f"{args.seeds} seeds ({args.test_images} test images each):\n")
     print(table)
@@ -216,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                              "variants": variants, "teacher": args.teacher, "freeze": args.freeze,
                              "distill_beta": args.distill_beta, "test_images": args.test_images,
                              "val_images": args.val_images, "base_model": parent_ref,
+                             "parent_test_bAP50": round(parent_bAP50, 4),
                              "gpus_per_task": gpus, "precision": args.precision,
                              **cfg.to_dict()})
         for c in cells:

@@ -44,6 +44,12 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
     assert by["baseline"]["fusion_weight"] is None
     if by["refine"]["fusion_weight"] == 0.0:  # same model, refinement off: same figures
         assert by["refine"]["bAP50"] == by["baseline"]["bAP50"]
+    # the refined variants also carry their detector's own figures: the same model unrefined
+    assert by["refine"]["nAP50_unrefined"] == by["baseline"]["nAP50"]
+    assert by["all"]["nAP50_unrefined"] == by["pgb-distill"]["nAP50"]
+    assert by["all"]["bAP50_unrefined"] == by["pgb-distill"]["bAP50"]
+    for name in ("baseline", "pgb", "gradnorm", "distill", "pgb-distill"):
+        assert by[name]["nAP50_unrefined"] == by[name]["nAP50"]
 
 
 @pytest.mark.integration
@@ -65,6 +71,7 @@ def test_ablation_job_logs_the_table(tiny_catalog, base_checkpoint, tiny_teacher
     text = capsys.readouterr().out
     assert "| variant | 1-shot nAP50 | 1-shot bAP50 |" in text and "| all |" in text
     assert "1-shot: all - baseline" in text
+    assert "1-shot: bAP50 - parent's (" in text and "parent bAP50 " in text
     assert out.read_text().startswith("| variant |")
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("fewshot-ablation")

@@ -9,9 +9,14 @@ baseline    fixed weights (1, 1)        no            no
 pgb         precision-driven (PGB)      no            no
 gradnorm    inverse gradient norm       no            no
 distill     fixed                       beta          no
+pgb-distill PGB                         beta          no
 refine      fixed (baseline's model)    no            yes
 all         PGB                         beta          yes
 ==========  ==========================  ============  ==========
+
+``pgb-distill`` is ``all``'s detector without refinement: the detector's own learning under
+the full method. Every row also carries ``nAP50_unrefined``/``bAP50_unrefined`` (the same
+model scored without refinement; equal to ``nAP50``/``bAP50`` for unrefined variants).
 
 One unit = one K-shot draw (``shots``, ``seed``) of the new classes: every variant fine-tunes
 the same expanded parent on the same support rows with the same seed, so the variants differ
@@ -52,6 +57,7 @@ VARIANTS: dict[str, Variant] = {
     "pgb": Variant(balancer="pgb"),
     "gradnorm": Variant(balancer="gradnorm"),
     "distill": Variant(distill=True),
+    "pgb-distill": Variant(balancer="pgb", distill=True),
     "refine": Variant(refine=True),
     "all": Variant(balancer="pgb", distill=True, refine=True),
 }
@@ -130,6 +136,8 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                                                       trunk_cache=cache))
         child, test_results = trained[v.training_key]
         fusion_weight = None
+        unrefined = score(child, test, results=test_results)
+        report = unrefined
         if v.refine:
             from fewshot.clip.refinement import fit_refiner
 
@@ -138,9 +146,8 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                                           trunk_cache=cache))
             fusion_weight = refiner.fusion_weight
             report = score(child, test, refiner=refiner, results=test_results)
-        else:
-            report = score(child, test, results=test_results)
         rows.append({"variant": name, "shots": spec.shots, "seed": spec.seed,
                      "bAP50": report.bAP50, "nAP50": report.nAP50, "bAP": report.bAP,
-                     "nAP": report.nAP, "HM50": report.HM50, "fusion_weight": fusion_weight})
+                     "nAP": report.nAP, "HM50": report.HM50, "fusion_weight": fusion_weight,
+                     "bAP50_unrefined": unrefined.bAP50, "nAP50_unrefined": unrefined.nAP50})
     return rows
