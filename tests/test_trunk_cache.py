@@ -124,3 +124,21 @@ def test_a_full_cache_computes_new_images_without_keeping_them(parent, split):
     assert len(cache.features) == 2 and len(cache.proposals) == 2 and cache.bytes <= cache.max_bytes
     assert [(r["image_id"], r["category_id"]) for r in got] == [(r["image_id"], r["category_id"]) for r in plain]
     assert [r["score"] for r in got] == pytest.approx([r["score"] for r in plain], abs=1e-5)
+
+
+def test_a_warm_cache_trains_the_same_model_as_a_cold_one(parent, tiny_catalog):
+    from fewshot.learning.loop import TrainConfig
+    from fewshot.learning.method import MethodConfig, finetune
+
+    rows = tiny_catalog.read_split("synthworld", "train").slice(0, 6).to_pylist()
+    cfg = TrainConfig(steps=4, batch_size=3, lr=1e-3, warmup_steps=1, log_every=4)
+    method = MethodConfig(freeze="backbone")
+    cache = TrunkCache()
+    cold = finetune(parent, rows, cfg, method, seed=3, device="cpu", trunk_cache=cache)
+    filled = len(cache)
+    warm = finetune(parent, rows, cfg, method, seed=3, device="cpu", trunk_cache=cache)
+    assert filled > 0 and len(cache) == filled and cache.hits >= 4 * 3
+    start = parent.build_model().roi_heads.box_head.fc6.weight
+    assert not torch.equal(cold.roi_heads.box_head.fc6.weight, start)  # it trained
+    for (name, a), b in zip(cold.roi_heads.named_parameters(), warm.roi_heads.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)

@@ -14,8 +14,10 @@ What it changes, and why that is exact:
 - the key is a digest of the image tensor the backbone receives (after the model's resize,
   normalisation and batch padding), with the mode that changes the RPN's output (training
   uses ``rpn_pre/post_nms_top_n_train``) and the autograd mode;
-- the frozen RPN's losses are not computed: they depend on no trainable parameter, so they
-  add nothing to any gradient (the loop's logged total loss leaves out those two constants);
+- the frozen RPN's losses are not returned: they depend on no trainable parameter, so they
+  add nothing to any gradient (the loop's logged total loss leaves out those two constants),
+  and on a cache miss they are computed outside the run's random stream, so a fine-tune draws
+  the same RoI samples whether the cache was cold or filled by an earlier run;
 - a batch's features are computed on the images not yet cached as their own, smaller batch:
   frozen batch norm and group norm make each image's features independent of the others', up
   to float rounding of the convolution kernels chosen per batch size (``tests/test_trunk_cache.py``
@@ -153,7 +155,10 @@ class _TrunkReader:
             sub = ImageList(images.tensors[missing], [images.image_sizes[i] for i in missing])
             sub_features = OrderedDict((n, f[missing]) for n, f in features.items())
             sub_targets = [targets[i] for i in missing] if targets is not None else None
-            proposals, _frozen_losses = self.plain_rpn(sub, sub_features, sub_targets)
+            # the frozen RPN's loss samples anchors with the global generator: keep it out of
+            # the run's random stream, so a run draws the same RoIs with a cold or a warm cache
+            with torch.random.fork_rng(devices=[]):
+                proposals, _frozen_losses = self.plain_rpn(sub, sub_features, sub_targets)
             fresh = {i: proposals[j].detach() for j, i in enumerate(missing)}
             for i, p in fresh.items():
                 if keys[i][0] in self.cache.features:  # the image's features were kept
