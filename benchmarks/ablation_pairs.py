@@ -1,0 +1,83 @@
+"""Paired differences between ablation variants that ran in different `jobs/ablation.py` runs.
+
+    python benchmarks/ablation_pairs.py runs_a.json runs_b.json --against baseline \
+        --variants pgb-distill,all --parent-bAP50 50.7
+
+Each file is a run's ``ablation_runs.json`` artifact (MLflow, experiment ``fewshot-ablation``;
+``mlflow artifacts download -r RUN -a ablation_runs.json``). Rows of the same (shots, seed) are
+the same support draw of the same parent, so a variant of one run pairs with ``--against`` of
+another. Prints, per shot count, each variant's mean ± 95% CI (nAP50, bAP50, and their
+unrefined figures when the rows carry them) and its paired difference to ``--against``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load_rows(path: str) -> list[dict]:
+    """An MLflow ``log_table`` JSON ({"columns": [...], "data": [[...], ...]}) or a list of rows."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict) and "columns" in data:
+        return [dict(zip(data["columns"], values)) for values in data["data"]]
+    return list(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("files", nargs="+", help="ablation_runs.json files of one or more runs")
+    p.add_argument("--against", default="baseline", help="the variant every other is paired with")
+    p.add_argument("--variants", default="", help="comma-separated variants to report (default: all)")
+    p.add_argument("--parent-bAP50", type=float, default=None,
+                   help="the parent's bAP50 on the same test images, in points (prints each bAP50 - it)")
+    args = p.parse_args(argv)
+    from fewshot.metrics.stats import mean_ci95
+
+    by: dict[tuple, dict] = {}
+    for f in args.files:
+        for r in load_rows(f):
+            key = (r["variant"], int(r["shots"]), int(r["seed"]))
+            if key in by:
+                print(f"note: {key} appears in more than one file; keeping the first", file=sys.stderr)
+                continue
+            by[key] = r
+    variants = [v for v in args.variants.split(",") if v] or sorted({k[0] for k in by} - {args.against})
+    shots = sorted({k[1] for k in by})
+    pts = lambda x: 100.0 * float(x)  # noqa: E731
+    for k in shots:
+        print(f"\n{k}-shot (AP50 points, mean ± 95% CI over the draws both variants ran)\n")
+        print(f"| variant | nAP50 | bAP50 | unrefined nAP50 | unrefined bAP50 | paired Δ unrefined nAP50 "
+              f"vs {args.against} | paired Δ unrefined bAP50 |" + (" bAP50 − parent |" if args.parent_bAP50 else ""))
+        print("|---|---|---|---|---|---|---|" + ("---|" if args.parent_bAP50 else ""))
+        for v in [args.against] + variants:
+            seeds = sorted(s for (vv, kk, s) in by if vv == v and kk == k)
+            if not seeds:
+                continue
+            rows = [by[(v, k, s)] for s in seeds]
+            un_n = [pts(r.get("nAP50_unrefined", r["nAP50"])) for r in rows]
+            un_b = [pts(r.get("bAP50_unrefined", r["bAP50"])) for r in rows]
+            paired = [s for s in seeds if (args.against, k, s) in by]
+            base = {s: by[(args.against, k, s)] for s in paired}
+            dn = mean_ci95(pts(by[(v, k, s)].get("nAP50_unrefined", by[(v, k, s)]["nAP50"]))
+                           - pts(base[s].get("nAP50_unrefined", base[s]["nAP50"])) for s in paired)
+            db = mean_ci95(pts(by[(v, k, s)].get("bAP50_unrefined", by[(v, k, s)]["bAP50"]))
+                           - pts(base[s].get("bAP50_unrefined", base[s]["bAP50"])) for s in paired)
+            b_mean = mean_ci95(pts(r["bAP50"]) for r in rows)
+            line = (f"| {v} | {mean_ci95(pts(r['nAP50']) for r in rows).format(scale=1.0)} | {b_mean.format(scale=1.0)} | "
+                    f"{mean_ci95(un_n).format(scale=1.0)} | {mean_ci95(un_b).format(scale=1.0)} | "
+                    f"{'–' if v == args.against else dn.format(scale=1.0) + f' (n={len(paired)})'} | "
+                    f"{'–' if v == args.against else db.format(scale=1.0)} |")
+            if args.parent_bAP50 is not None:
+                line += f" {b_mean.mean - args.parent_bAP50:+.1f} |"
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
