@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"note: {key} appears in more than one file; keeping the first", file=sys.stderr)
                 continue
             by[key] = r
+    def unrefined(r: dict, metric: str) -> float | None:
+        """The detector's own figure: recorded, or the figure itself for an unrefined row;
+        None for a refined row of an older run that did not record it."""
+        if f"{metric}_unrefined" in r:
+            return r[f"{metric}_unrefined"]
+        return r[metric] if r.get("fusion_weight") is None else None
+
     variants = [v for v in args.variants.split(",") if v] or sorted({k[0] for k in by} - {args.against})
     shots = sorted({k[1] for k in by})
     pts = lambda x: 100.0 * float(x)  # noqa: E731
@@ -60,19 +67,19 @@ def main(argv: list[str] | None = None) -> int:
             if not seeds:
                 continue
             rows = [by[(v, k, s)] for s in seeds]
-            un_n = [pts(r.get("nAP50_unrefined", r["nAP50"])) for r in rows]
-            un_b = [pts(r.get("bAP50_unrefined", r["bAP50"])) for r in rows]
             paired = [s for s in seeds if (args.against, k, s) in by]
-            base = {s: by[(args.against, k, s)] for s in paired}
-            dn = mean_ci95(pts(by[(v, k, s)].get("nAP50_unrefined", by[(v, k, s)]["nAP50"]))
-                           - pts(base[s].get("nAP50_unrefined", base[s]["nAP50"])) for s in paired)
-            db = mean_ci95(pts(by[(v, k, s)].get("bAP50_unrefined", by[(v, k, s)]["bAP50"]))
-                           - pts(base[s].get("bAP50_unrefined", base[s]["bAP50"])) for s in paired)
+            cells = []
+            for metric in ("nAP50", "bAP50"):
+                own = [unrefined(r, metric) for r in rows]
+                known = None not in own and v != args.against and all(
+                    unrefined(by[(args.against, k, s)], metric) is not None for s in paired)
+                level = mean_ci95(pts(x) for x in own).format(scale=1.0) if None not in own else "–"
+                diff = (mean_ci95(pts(unrefined(by[(v, k, s)], metric)) - pts(unrefined(by[(args.against, k, s)], metric))
+                                  for s in paired).format(scale=1.0) + f" (n={len(paired)})") if known else "–"
+                cells.append((level, diff))
             b_mean = mean_ci95(pts(r["bAP50"]) for r in rows)
             line = (f"| {v} | {mean_ci95(pts(r['nAP50']) for r in rows).format(scale=1.0)} | {b_mean.format(scale=1.0)} | "
-                    f"{mean_ci95(un_n).format(scale=1.0)} | {mean_ci95(un_b).format(scale=1.0)} | "
-                    f"{'–' if v == args.against else dn.format(scale=1.0) + f' (n={len(paired)})'} | "
-                    f"{'–' if v == args.against else db.format(scale=1.0)} |")
+                    f"{cells[0][0]} | {cells[1][0]} | {cells[0][1]} | {cells[1][1]} |")
             if args.parent_bAP50 is not None:
                 line += f" {b_mean.mean - args.parent_bAP50:+.1f} |"
             print(line)
