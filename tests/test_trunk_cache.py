@@ -142,3 +142,16 @@ def test_a_warm_cache_trains_the_same_model_as_a_cold_one(parent, tiny_catalog):
     assert not torch.equal(cold.roi_heads.box_head.fc6.weight, start)  # it trained
     for (name, a), b in zip(cold.roi_heads.named_parameters(), warm.roi_heads.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_refuses_a_trunk_with_batch_norm_in_training_mode(parent):
+    model = parent.build_model()
+    apply_freezing(model, "backbone")
+    model.backbone.extra_bn = torch.nn.BatchNorm2d(4).requires_grad_(False)  # its statistics still move
+    model.train()
+    with pytest.raises(ValueError, match="batch norm in training mode"):
+        with cached_trunk(model, TrunkCache()):
+            pass
+    model.eval()
+    with cached_trunk(model, TrunkCache()):
+        pass

@@ -61,8 +61,14 @@ def trunk_fingerprint(model: nn.Module) -> bytes:
 
 
 def trainable_trunk_parameters(model: nn.Module) -> list[str]:
-    return [f"{prefix}.{name}" for prefix, module in (("backbone", model.backbone), ("rpn", model.rpn))
-            for name, p in module.named_parameters() if p.requires_grad]
+    """Names of the backbone's and RPN's parameters that train, and of their batch norms that
+    would update running statistics (and mix images of a batch) in training mode."""
+    names = [f"{prefix}.{name}" for prefix, module in (("backbone", model.backbone), ("rpn", model.rpn))
+             for name, p in module.named_parameters() if p.requires_grad]
+    return names + [f"{prefix}.{name} (batch norm in training mode)"
+                    for prefix, module in (("backbone", model.backbone), ("rpn", model.rpn))
+                    for name, m in module.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
 class TrunkCache:
