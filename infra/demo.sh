@@ -64,7 +64,7 @@ if [ -n "$TEACHER_JOB" ]; then
   echo "waiting for the teacher (Ray job $TEACHER_JOB) ..."
   ray job logs --address "$RAY_JOB_ADDRESS" --follow "$TEACHER_JOB" | grep -E "zero-shot|novel|saved" || true
   # `ray job status` ends with "Job '<id>' succeeded" (or failed / was stopped)
-  status=$(ray job status --address "$RAY_JOB_ADDRESS" "$TEACHER_JOB" 2>&1 | grep -oiE "succeeded|failed|stopped" | tail -1 || true)
+  status=$(ray job status --address "$RAY_JOB_ADDRESS" "$TEACHER_JOB" 2>&1 | grep -oiE "succeeded|failed|stopped" | tail -1 | tr "[:upper:]" "[:lower:]" || true)
   if [ "$status" != "succeeded" ] || [ ! -f "$TEACHER_FILE" ]; then
     echo "the teacher job ended ${status:-in an unknown state}: adding the classes without refinement (see ray job logs $TEACHER_JOB)"
     TEACHER="none"; TEACHER_ARGS=()
