@@ -12,6 +12,8 @@ without forgetting the old" by the harmonic mean. Both are reported and logged e
 """
 from __future__ import annotations
 
+import atexit
+
 import math
 import time
 from dataclasses import dataclass, replace
@@ -161,6 +163,9 @@ def run_trial(config: dict, payload: TrialPayload) -> None:
 
 
 _ACTOR_CACHES: dict[bytes, TrunkCache] = {}
+# free the cached tensors while torch is still whole: left to the interpreter's teardown of
+# module globals, they would be released after parts of torch are gone
+atexit.register(_ACTOR_CACHES.clear)
 
 
 def _actor_trunk_cache(start) -> TrunkCache:
