@@ -18,7 +18,7 @@ from fewshot.learning.method import MethodOptions
 from fewshot.workflows import tune as tuning
 from fewshot.workflows.add_classes import AddClassesOptions, run_add_classes
 from fewshot.workflows.options import StoreOptions
-from fewshot.backends.tuned_configs import BEST_CONFIG_TAG, TUNABLE_KEYS, load_config, normalize_config
+from fewshot.backends.tuned_configs import BEST_CONFIG_TAG, TUNABLE_KEYS, apply_to, load_config, normalize_config
 from services import load_job, register_champion
 
 MODEL = "tune-detector"
@@ -34,7 +34,12 @@ def champion(tiny_catalog, mlflow_uri, tmp_path_factory):
 
 
 def _in_space(config: dict, max_steps: int, eval_every: int, distill: bool) -> None:
-    assert set(config) == set(TUNABLE_KEYS)
+    """A sampled configuration, or add_classes' defaults (the search's first trial)."""
+    assert set(config) == set(TUNABLE_KEYS) | {"freeze"}
+    if config["freeze"] == "head":
+        assert config == tuning.default_trial(max_steps)
+        return
+    assert config["freeze"] == "backbone"
     assert config["balancer"] in ("fixed", "pgb", "gradnorm")
     assert space.MOMENTUM_RANGE[0] <= config["balancer_momentum"] < space.MOMENTUM_RANGE[1]
     assert config["distill_beta"] in (space.BETAS if distill else (0.0,))
@@ -69,18 +74,27 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == samples
+    # trial 0 is add_classes' defaults (freeze head, no balancer, steps capped at --max-steps);
+    # the others are sampled under the search's --freeze
+    default = tuning.default_trial(max_steps)
+    assert json.loads(parent.data.params["default_trial"]) == default
+    first = [c for c in children if c.data.tags["mlflow.runName"].startswith("trial-00-")]
+    assert len(first) == 1
+    assert first[0].data.params["freeze"] == "head" and first[0].data.params["balancer"] == "none"
+    assert first[0].data.params["lr"] == str(default["lr"]) and first[0].data.params["steps"] == str(max_steps)
     for child in children:
         params = child.data.params
         assert {"balancer", "balancer_momentum", "distill_beta", "lr", "steps", "freeze"} <= set(params)
-        assert params["freeze"] == "backbone"
+        assert params["freeze"] == ("head" if child is first[0] else "backbone")
         history = client.get_metric_history(child.info.run_id, "val/HM50")
         assert history, f"trial run {child.info.run_id} has no val curve"
         steps = [m.step for m in history]
         assert steps == sorted(steps) and steps[0] == eval_every
         assert all(0.0 <= m.value <= 1.0 for m in history)
         assert client.get_metric_history(child.info.run_id, "val/HM")
-        # every trial has a balancer: the weights it applied are logged with the curve
-        assert all(m.value > 0 for m in client.get_metric_history(child.info.run_id, "train/w_cls"))
+        # every sampled trial has a balancer: the weights it applied are logged with the curve
+        weights = client.get_metric_history(child.info.run_id, "train/w_cls")
+        assert (not weights) if child is first[0] else (weights and all(m.value > 0 for m in weights))
         assert child.data.tags["tune.outcome"] in ("completed", "early_stopped")
         assert child.info.status == "FINISHED"
 
@@ -119,7 +133,7 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
     applied = json.loads(version_tags["config"])
     for key in TUNABLE_KEYS:
         assert applied[key] == config[key], key
-    assert version_tags["freeze"] == "backbone"  # what the trials trained with
+    assert version_tags["freeze"] == config["freeze"]  # what the winning trial trained with
 
     # a file works too, as a record or as a flat mapping
     as_file = tmp_path / "tuned.json"
@@ -195,6 +209,7 @@ def test_load_config_errors(tiny_catalog, mlflow_uri, champion, tmp_path):
     for content, message in [({"lr": 1e-3, "lrr": 2}, "unknown config key"),
                              ({"balancer": "adam"}, "balancer"), ({"lr": -1}, "lr"),
                              ({"steps": 2.5}, "steps"), ({"balancer_momentum": 1.0}, "momentum"),
+                             ({"lr": 1e-3, "freeze": "everything"}, "freeze"),
                              ({}, "empty config")]:
         bad.write_text(json.dumps(content))
         with pytest.raises(ValueError, match=message):
@@ -204,6 +219,19 @@ def test_load_config_errors(tiny_catalog, mlflow_uri, champion, tmp_path):
         load_config(str(bad), mlflow_uri, MODEL)
     with pytest.raises(ValueError, match="lacks"):
         normalize_config({"lr": 1e-3}, require_all=True)
+
+
+def test_a_config_may_name_its_freezing_policy():
+    """A tuned config carries ``freeze`` when its trial named one (add_classes' defaults trial:
+    'head'); applying it sets the policy, and a config without it keeps the caller's."""
+    full = {**tuning.default_config(), "freeze": "head"}
+    assert normalize_config(full, require_all=True) == full
+    method, train = apply_to(full, MethodOptions(freeze="backbone"), TrainConfig())
+    assert method.freeze == "head" and method.balancer is None and train.steps == full["steps"]
+    method, _ = apply_to({"lr": 1e-3}, MethodOptions(freeze="backbone"), TrainConfig())
+    assert method.freeze == "backbone"
+    assert tuning.default_trial(100) == {**tuning.default_config(), "freeze": AddClassesOptions().method.freeze,
+                                         "steps": min(100, AddClassesOptions().train.steps)}
 
 
 def test_job_refuses_bad_options_before_starting_anything():

@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from fewshot.backends import registry
-from fewshot.backends.tuned_configs import TUNABLE_KEYS, apply_to
+from fewshot.backends.tuned_configs import CONFIG_KEYS, apply_to
 from fewshot.balancers import balancer_names
 from fewshot.learning.episode import expand_parent, score, to_checkpoint
 from fewshot.model.trunk_cache import TrunkCache, trunk_fingerprint, use_trunk_cache
@@ -54,12 +54,15 @@ def step_choices(max_steps: int, eval_every: int) -> list[int]:
     return sorted(s for s in out if s <= max_steps)
 
 
-def search_space(max_steps: int, eval_every: int, distill: bool = True) -> dict:
+def search_space(max_steps: int, eval_every: int, distill: bool = True, freeze: str = "backbone") -> dict:
     """balancer: fixed / pgb / gradnorm; its EMA momentum uniform in [0.5, 0.98) (PGB smooths
     its weights with it, gradnorm its norms; fixed ignores it); distillation beta from
     {0, 0.1, 0.3, 1} (0 only without a teacher); learning rate log-uniform in [1e-4, 3e-3]
-    (add_classes' default 5e-4 inside); steps from :func:`step_choices`."""
+    (add_classes' default 5e-4 inside); steps from :func:`step_choices`; ``freeze`` fixed (the
+    sampled trials' policy; a point evaluated first, such as add_classes' defaults, may name
+    another)."""
     return {
+        "freeze": freeze,
         "balancer": tune.choice(list(balancer_names())),
         "balancer_momentum": tune.uniform(*MOMENTUM_RANGE),
         "distill_beta": tune.choice(list(BETAS)) if distill else 0.0,
@@ -72,7 +75,9 @@ def describe_space(space: dict) -> dict:
     """A JSON-able description of a search space (logged as a parent-run param)."""
     out = {}
     for k, v in space.items():
-        if hasattr(v, "categories"):
+        if isinstance(v, (str, int, float, bool)) or v is None:  # a constant (str has .lower too)
+            out[k] = v
+        elif hasattr(v, "categories"):
             out[k] = {"choice": list(v.categories)}
         elif hasattr(v, "lower") and hasattr(v, "upper"):
             kind = type(getattr(v, "sampler", None)).__name__.lower()
@@ -182,7 +187,7 @@ def _actor_trunk_cache(start) -> TrunkCache:
 # ---- MLflow: one nested run per trial ----------------------------------------------------------
 
 def _trial_name(index: int, config: dict) -> str:
-    return (f"trial-{index:02d}-{config.get('balancer')}-b{config.get('distill_beta', 0):g}"
+    return (f"trial-{index:02d}-{config.get('freeze')}-{config.get('balancer')}-b{config.get('distill_beta', 0):g}"
             f"-lr{config.get('lr', 0):.1e}-{config.get('steps')}st")
 
 
@@ -222,11 +227,11 @@ class MlflowTrialLogger(tune.Callback):
             return
         self.runs[trial.trial_id] = run.info.run_id
         self.names[trial.trial_id] = name
-        params = {**self.extra_params, **{k: trial.config.get(k) for k in TUNABLE_KEYS}}
+        params = {**self.extra_params, **{k: trial.config.get(k) for k in CONFIG_KEYS}}
         self._safe("log params", self.client.log_batch, run.info.run_id,
                    params=[Param(k, "none" if v is None else str(v)) for k, v in params.items()])
         cfg = ", ".join(f"{k}={trial.config.get(k):.3g}" if isinstance(trial.config.get(k), float)
-                        else f"{k}={trial.config.get(k)}" for k in TUNABLE_KEYS)
+                        else f"{k}={trial.config.get(k)}" for k in CONFIG_KEYS)
         self._print(f"{name} started ({cfg})")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -281,7 +286,7 @@ def _summaries(results, logger: MlflowTrialLogger) -> list[TrialSummary]:
     for r in results:
         metrics = dict(r.metrics or {})
         trial_id = metrics.get("trial_id") or (Path(r.path).name if r.path else "?")
-        config = {k: r.config.get(k) for k in TUNABLE_KEYS}
+        config = {k: r.config.get(k) for k in CONFIG_KEYS}
         completed = r.error is None and int(metrics.get("step", 0)) >= int(config.get("steps") or 0)
         out.append(TrialSummary(trial_id=trial_id, run_id=logger.runs.get(trial_id), config=config,
                                 metrics={k: metrics[k] for k in ("step", *VAL_KEYS) if k in metrics},
@@ -305,9 +310,11 @@ def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *,
                num_samples: int, max_concurrent: int, cpus_per_trial: int, max_steps: int, grace: int,
                gpus_per_trial: float = 0.0,
                reduction_factor: float, seed: int, name: str, storage_path: str | None = None,
-               storage_filesystem=None, verbose: int = 1) -> list[TrialSummary]:
+               storage_filesystem=None, verbose: int = 1,
+               points: Sequence[dict] = ()) -> list[TrialSummary]:
     """Run the trials (random search seeded with ``seed``, ASHA on val ``metric``); returns
-    one summary per trial."""
+    one summary per trial. ``points``: whole configurations run first, before the sampled ones
+    (they count in ``num_samples``)."""
     resources = {"cpu": cpus_per_trial, **({"gpu": gpus_per_trial} if gpus_per_trial > 0 else {})}
     trainable = tune.with_resources(tune.with_parameters(run_trial, payload=payload), resources)
     scheduler = ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace,
@@ -319,7 +326,8 @@ def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *,
                                     # (TuneConfig.max_concurrent_trials is ignored with a
                                     # BasicVariantGenerator)
                                     search_alg=BasicVariantGenerator(random_state=seed,
-                                                                     max_concurrent=max_concurrent),
+                                                                     max_concurrent=max_concurrent,
+                                                                     points_to_evaluate=[dict(p) for p in points]),
                                     num_samples=num_samples,
                                     # a trial's actor has torch and the payload loaded: reuse it
                                     reuse_actors=True),

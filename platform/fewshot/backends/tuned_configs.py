@@ -24,10 +24,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fewshot.balancers import balancer_names
+from fewshot.learning.freezing import POLICIES
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodOptions
 
 TUNABLE_KEYS = ("balancer", "balancer_momentum", "distill_beta", "lr", "steps")
+# a config may also name the freezing policy it was trained with: a search can hold trials
+# under different policies (add_classes' defaults, under "head", beside "backbone" trials)
+OPTIONAL_KEYS = ("freeze",)
+CONFIG_KEYS = TUNABLE_KEYS + OPTIONAL_KEYS
 BEST_CONFIG_TAG = "fewshot.best_config_run"
 BEST_CONFIG_ARTIFACT = "best_config.json"
 RECORD_FORMAT = 1
@@ -57,23 +62,24 @@ def _number(key: str, value: Any) -> float:
 
 
 def normalize_config(config: Mapping[str, Any], require_all: bool = False) -> dict:
-    """Check and normalize a tuned config: only :data:`TUNABLE_KEYS`, sane values.
+    """Check and normalize a tuned config: only :data:`CONFIG_KEYS`, sane values (``require_all``:
+    every one of :data:`TUNABLE_KEYS`; ``freeze`` stays optional).
 
-    ``balancer``: ``None``/``"none"``/``fixed``/``pgb``/``gradnorm``; ``balancer_momentum`` in
+    ``freeze``: one of the freezing policies; ``balancer``: ``None``/``"none"``/``fixed``/``pgb``/``gradnorm``; ``balancer_momentum`` in
     [0, 1); ``distill_beta`` >= 0; ``lr`` > 0; ``steps`` a positive integer. Raises
     ``ValueError`` naming the offending key."""
     if not isinstance(config, Mapping):
-        raise ValueError(f"a config must be a JSON object of {TUNABLE_KEYS}, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(TUNABLE_KEYS))
+        raise ValueError(f"a config must be a JSON object of {CONFIG_KEYS}, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; allowed: {list(TUNABLE_KEYS)}")
+        raise ValueError(f"unknown config key(s) {unknown}; allowed: {list(CONFIG_KEYS)}")
     missing = [k for k in TUNABLE_KEYS if k not in config]
     if require_all and missing:
         raise ValueError(f"config lacks {missing}; a tuned config has all of {list(TUNABLE_KEYS)}")
     if not config:
         raise ValueError(f"empty config: give at least one of {list(TUNABLE_KEYS)}")
     out: dict[str, Any] = {}
-    for key in TUNABLE_KEYS:
+    for key in CONFIG_KEYS:
         if key not in config:
             continue
         value = config[key]
@@ -99,6 +105,10 @@ def normalize_config(config: Mapping[str, Any], require_all: bool = False) -> di
             if v <= 0:
                 raise ValueError(f"config 'lr': must be > 0, got {value!r}")
             out[key] = v
+        elif key == "freeze":
+            if value not in POLICIES:
+                raise ValueError(f"config 'freeze': {value!r} is not one of {list(POLICIES)}")
+            out[key] = value
         elif key == "steps":
             v = _number(key, value)
             if v != int(v) or v < 1:
@@ -127,12 +137,14 @@ def save_best_config(uri: str, model_name: str, config: dict, run_id: str, metri
     """Log ``best_config.json`` (config, metrics, what it was tuned for) to run ``run_id`` and
     tag registered model ``model_name`` with ``fewshot.best_config_run`` = ``run_id``.
 
-    ``config`` may hold more keys than :data:`TUNABLE_KEYS` (they are dropped); it must hold all
-    of those. The classes/shots/dataset/freeze the search ran with are read from the run's
+    ``config`` may hold more keys than :data:`CONFIG_KEYS` (they are dropped); it must hold all
+    of :data:`TUNABLE_KEYS`, and ``freeze`` when the trial it came from named one. The
+    classes/shots/dataset/freeze the search ran with are read from the run's
     params (``jobs/tune.py`` logs them)."""
     from mlflow.exceptions import MlflowException
 
-    tuned = normalize_config({k: v for k, v in config.items() if k in TUNABLE_KEYS}, require_all=True)
+    tuned = normalize_config({k: v for k, v in config.items()
+                              if k in TUNABLE_KEYS or (k in OPTIONAL_KEYS and v is not None)}, require_all=True)
     client = _client(uri)
     try:
         client.get_registered_model(model_name)
@@ -200,7 +212,7 @@ def load_best_record(uri: str, model_name: str) -> dict:
 def load_config(spec: str, uri: str, model_name: str) -> tuple[dict, str]:
     """``spec`` ``"best"``: the config :func:`save_best_config` stored for ``model_name``;
     otherwise a path to a JSON file (a stored record, or a flat mapping of some of
-    :data:`TUNABLE_KEYS`). Returns (config with only TUNABLE_KEYS, source) where source is
+    :data:`TUNABLE_KEYS`). Returns (config with only CONFIG_KEYS, source) where source is
     ``"tune:<run_id>"`` or ``"file:<abs path>"``. Raises ``ValueError`` when nothing is
     stored, the file is missing, or a key/value is bad."""
     if not isinstance(spec, str) or not spec.strip():
@@ -224,9 +236,10 @@ def load_config(spec: str, uri: str, model_name: str) -> tuple[dict, str]:
 
 def apply_to(config: Mapping[str, Any], method: MethodOptions, train: TrainConfig) -> tuple[MethodOptions, TrainConfig]:
     """``method`` and ``train`` with a tuned config's values (balancer, its momentum, beta, lr,
-    steps) in place of theirs: how add_classes, a Tune trial and the comparison all train the
-    way the winning trial did."""
+    steps, and the freezing policy when it names one) in place of theirs: how add_classes, a
+    Tune trial and the comparison all train the way the winning trial did."""
     cfg = normalize_config(config)
-    method = replace(method, **{k: cfg[k] for k in ("balancer", "balancer_momentum", "distill_beta") if k in cfg})
+    method = replace(method, **{k: cfg[k] for k in ("balancer", "balancer_momentum", "distill_beta", "freeze")
+                                if k in cfg})
     train = replace(train, **{k: cfg[k] for k in ("lr", "steps") if k in cfg})
     return method, train

@@ -87,9 +87,14 @@ class TuneOptions:
     the mean of its val figures over them, so the search rewards a configuration that works on
     several support sets rather than one that fits a single draw."""
     freeze: FreezePolicy = "backbone"
-    """What trains in every trial. backbone: box head, classifier and regressor train (backbone
-    and RPN frozen). With add_classes' own default 'head' only the new classifier rows train, so
-    the balancer and distillation (both act on the shared RoI feature) would change nothing."""
+    """What trains in every sampled trial. backbone: box head, classifier and regressor train
+    (backbone and RPN frozen). With add_classes' own default 'head' only the new classifier rows
+    train, so the balancer and distillation (both act on the shared RoI feature) would change
+    nothing."""
+    include_default: bool = True
+    """Run add_classes' own defaults (its freeze policy, no balancer, its lr and steps, steps
+    capped at --max-steps) as the first trial, on the same draws: the search keeps them unless a
+    sampled configuration scores higher on val. It counts in --num-samples."""
     batch_size: int = 8
     """Images per fine-tuning step."""
     teacher: str | None = "embedded"
@@ -186,6 +191,13 @@ def default_config() -> dict:
             "distill_beta": m.distill_beta, "lr": t.lr, "steps": t.steps}
 
 
+def default_trial(max_steps: int) -> dict:
+    """add_classes' defaults as a whole trial configuration, with their freezing policy (the
+    point a search evaluates first with ``--include-default``); steps capped at ``max_steps``."""
+    cfg = default_config()
+    return {**cfg, "freeze": ADD_CLASSES_DEFAULTS.method.freeze, "steps": min(int(cfg["steps"]), int(max_steps))}
+
+
 @dataclass
 class Comparison:
     seeds: list[int]
@@ -273,7 +285,12 @@ def run_tune(opts: TuneOptions) -> TuneResult:
     print(f"[tune] {len(payload.draws)} support draws of {len(payload.draws[0].rows)} images each "
           f"(seeds {', '.join(str(d.seed) for d in payload.draws)}); val: {len(payload.val.rows)} images; "
           f"teacher: {opts.teacher_spec or 'none'}", flush=True)
-    space = search_space(opts.max_steps, opts.eval_every, distill=prep.teacher is not None)
+    space = search_space(opts.max_steps, opts.eval_every, distill=prep.teacher is not None, freeze=opts.freeze)
+    points = [default_trial(opts.max_steps)] if opts.include_default else []
+    if points:
+        capped = "" if points[0]["steps"] == default_config()["steps"] else f", steps capped at {opts.max_steps}"
+        print(f"[tune] trial 0 is add_classes' defaults (freeze {points[0]['freeze']}, lr {points[0]['lr']:g}, "
+              f"{points[0]['steps']} steps{capped}); the other {opts.num_samples - 1} are sampled", flush=True)
     ensure_ray(opts.cluster.ray_address)
     cpus = opts.cluster.cpus_per_worker
     storage_path, storage_fs = storage_for(opts.cluster)
@@ -294,6 +311,7 @@ def run_tune(opts: TuneOptions) -> TuneResult:
             "eval_every": opts.eval_every, "grace_period": opts.grace,
             "reduction_factor": opts.reduction_factor, "teacher": opts.teacher_spec or "none",
             "search_space": describe_space(space), "scheduler": "ASHA",
+            "default_trial": json.dumps(points[0]) if points else "none",
         })
         logger = MlflowTrialLogger(store.mlflow_uri, parent_run.info.experiment_id, parent_id, opts.metric,
                                    extra_params={"freeze": opts.freeze, "shots": opts.shots, "seed": opts.seed,
@@ -308,7 +326,7 @@ def run_tune(opts: TuneOptions) -> TuneResult:
                             reduction_factor=opts.reduction_factor, seed=opts.seed,
                             name=f"fewshot-tune-{parent_id[:8]}", storage_path=storage_path,
                             storage_filesystem=storage_fs,
-                            verbose=0 if opts.quiet else 1)
+                            verbose=0 if opts.quiet else 1, points=points)
         tracking.log_dict([asdict(t) for t in trials], "trials.json")
         failed = [t for t in trials if t.error]
         if failed:
@@ -320,6 +338,9 @@ def run_tune(opts: TuneOptions) -> TuneResult:
         tracking.set_tags({"best_trial_run": best.run_id or "", "trials_completed":
                            str(sum(t.completed for t in trials)), "trials_total": str(len(trials))})
         save_best_config(store.mlflow_uri, store.model_name, best.config, parent_id, best_metrics)
+        if points and best.config == points[0]:
+            print("[tune] no sampled configuration scored higher on val than add_classes' defaults: "
+                  "they are the best configuration", flush=True)
         print(f"[tune] best: {best.config} -> val {opts.metric}={best.metrics[opts.metric]:.4f}, "
               f"HM={best.metrics.get('HM', float('nan')):.4f}; stored as the best config of "
               f"{store.model_name} (run {parent_id})", flush=True)
@@ -340,7 +361,7 @@ def _mean_ci(values) -> dict[str, float]:
 
 def compare_configs(prep: _Prepared, opts: TuneOptions, best_config: dict,
                     default: dict | None = None) -> Comparison:
-    """Fine-tune with ``best_config`` (and ``opts.freeze``) and with ``default`` (default:
+    """Fine-tune with ``best_config`` (under its own ``freeze``, else ``opts.freeze``) and with ``default`` (default:
     add_classes' own defaults, :func:`default_config`, under its freeze policy) on
     ``opts.compare_seeds`` fresh support draws (seeds ``seed+1``..), each scored on the test
     split (val if the dataset has none); one Ray task per fine-tune."""
