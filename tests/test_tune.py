@@ -232,6 +232,11 @@ def test_a_config_may_name_its_freezing_policy():
     assert method.freeze == "backbone"
     assert tuning.default_trial(100) == {**tuning.default_config(), "freeze": AddClassesOptions().method.freeze,
                                          "steps": min(100, AddClassesOptions().train.steps)}
+    # the comparison is skipped only for the defaults themselves, not for a capped copy of them
+    steps = AddClassesOptions().train.steps
+    assert tuning._is_default(tuning.default_trial(steps))
+    assert not tuning._is_default(tuning.default_trial(steps - 1))
+    assert not tuning._is_default({**tuning.default_trial(steps), "freeze": "backbone"})
 
 
 def test_job_refuses_bad_options_before_starting_anything():
@@ -241,3 +246,33 @@ def test_job_refuses_bad_options_before_starting_anything():
     assert space.step_choices(150, 25) == [50, 75, 100, 150]
     assert tuning.default_config() == {"balancer": None, "balancer_momentum": 0.9, "distill_beta": 0.0,
                                        "lr": AddClassesOptions().train.lr, "steps": AddClassesOptions().train.steps}
+
+
+def test_defaults_win_then_no_self_comparison(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path,
+                                              monkeypatch):
+    """A search whose only trial is add_classes' defaults keeps them as the best configuration
+    (freeze head) and does not fine-tune them against themselves for --compare-seeds."""
+    from dataclasses import replace
+
+    # add_classes' defaults with a 4-step schedule: the driver builds the trial's whole config
+    # from them, so the trial actor trains 4 steps without being patched itself
+    steps = 4
+    defaults = AddClassesOptions()
+    monkeypatch.setattr(tuning, "ADD_CLASSES_DEFAULTS", replace(defaults, train=replace(defaults.train, steps=steps)))
+    experiment = "tune-defaults-only"
+    code = load_job("tune").main([
+        "--catalog", str(tiny_catalog.root), "--mlflow-uri", mlflow_uri, "--model-name", MODEL,
+        "--experiment", experiment, "--classes", ",".join(champion["split"].novel[:2]), "--shots", "2",
+        "--num-samples", "1", "--cpus-per-worker", "1", "--max-steps", str(steps), "--eval-every", "2",
+        "--batch-size", "2", "--val-images", "20", "--teacher", "none", "--compare-seeds", "2",
+        "--storage-path", str(tmp_path / "ray_results"), "--quiet", "--draws", "1",
+    ])
+    assert code == 0
+    client = registry.client(mlflow_uri)
+    exp = client.get_experiment_by_name(experiment)
+    parent = client.search_runs([exp.experiment_id], "tags.job = 'tune'")[0]
+    assert parent.data.params["best.freeze"] == "head" and parent.data.params["best.balancer"] == "none"
+    assert parent.data.tags["compare"].startswith("skipped")
+    assert not any(k.startswith("compare_") for k in parent.data.metrics)
+    config, _ = load_config("best", mlflow_uri, MODEL)
+    assert config == tuning.default_trial(steps)

@@ -198,6 +198,12 @@ def default_trial(max_steps: int) -> dict:
     return {**cfg, "freeze": ADD_CLASSES_DEFAULTS.method.freeze, "steps": min(int(cfg["steps"]), int(max_steps))}
 
 
+def _is_default(config: dict) -> bool:
+    """Whether ``config`` trains as add_classes does with no tuned config (its policy, its steps)."""
+    want = {**default_config(), "freeze": ADD_CLASSES_DEFAULTS.method.freeze}
+    return all(config.get(k) == v for k, v in want.items())
+
+
 @dataclass
 class Comparison:
     seeds: list[int]
@@ -346,7 +352,12 @@ def run_tune(opts: TuneOptions) -> TuneResult:
               f"{store.model_name} (run {parent_id})", flush=True)
         result = TuneResult(parent_run_id=parent_id, experiment_id=parent_run.info.experiment_id,
                             best_config=best.config, best_metrics=best_metrics, trials=trials)
-        if opts.compare_seeds:
+        if opts.compare_seeds and _is_default(best.config):
+            # the comparison would fine-tune the same configuration twice on the same draws
+            print("[tune] --compare-seeds: the best configuration is add_classes' defaults; no "
+                  "comparison to run (best - default is 0 by construction)", flush=True)
+            tracking.set_tags({"compare": "skipped: best is the default"})
+        elif opts.compare_seeds:
             result.comparison = compare_configs(prep, opts, best.config)
             log_comparison(result.comparison)
     return result
