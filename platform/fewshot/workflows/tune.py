@@ -17,6 +17,9 @@ What one search does (``jobs/tune.py`` is the command line):
    the trials whose validation figure trails at a rung. With ``draws`` > 1 the driver draws
    that many support sets (seeds ``seed + 1000 i``) and every trial fine-tunes on each; its
    reported figure is the mean over the draws (one draw rewards whatever happens to fit it).
+   With ``include_default`` the first trial is add_classes' own defaults under their own
+   freezing policy (:func:`default_trial`, Ray Tune's ``points_to_evaluate``), so the search
+   keeps them unless a sampled configuration scores higher on val.
 3. A driver-side Tune callback (:class:`fewshot.backends.ray_tune.MlflowTrialLogger`) opens a nested MLflow run per trial
    (tag ``mlflow.parentRunId``), logs its hyperparameters as params and its validation curve as
    step-indexed metrics (``val/HM50``, ``val/HM``, ``val/bAP`` ...), so trials line up side by
@@ -27,7 +30,8 @@ What one search does (``jobs/tune.py`` is the command line):
    registered-model tag ``fewshot.best_config_run``) for ``add_classes --config best``.
 5. Optionally (:func:`compare_configs`) the best and the default add_classes configuration are
    each fine-tuned on ``N`` fresh support draws and scored on the **test** split; mean HM with a
-   95% t-interval goes to the parent run.
+   95% t-interval goes to the parent run. When the best configuration is the defaults themselves the
+   comparison is skipped (it would train the same configuration twice on the same draws).
 """
 from __future__ import annotations
 
