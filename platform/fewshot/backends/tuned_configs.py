@@ -65,9 +65,9 @@ def normalize_config(config: Mapping[str, Any], require_all: bool = False) -> di
     """Check and normalize a tuned config: only :data:`CONFIG_KEYS`, sane values (``require_all``:
     every one of :data:`TUNABLE_KEYS`; ``freeze`` stays optional).
 
-    ``freeze``: one of the freezing policies; ``balancer``: ``None``/``"none"``/``fixed``/``pgb``/``gradnorm``; ``balancer_momentum`` in
-    [0, 1); ``distill_beta`` >= 0; ``lr`` > 0; ``steps`` a positive integer. Raises
-    ``ValueError`` naming the offending key."""
+    ``freeze``: one of the freezing policies; ``balancer``: ``None``/``"none"``/``fixed``/
+    ``pgb``/``gradnorm``; ``balancer_momentum`` in [0, 1); ``distill_beta`` >= 0; ``lr`` > 0;
+    ``steps`` a positive integer. Raises ``ValueError`` naming the offending key."""
     if not isinstance(config, Mapping):
         raise ValueError(f"a config must be a JSON object of {CONFIG_KEYS}, got {type(config).__name__}")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
