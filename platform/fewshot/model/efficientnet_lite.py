@@ -60,8 +60,12 @@ class SameConv2d(nn.Conv2d):
         dh, dw = self.dilation
         ph = max((math.ceil(ih / sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
         pw = max((math.ceil(iw / sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
-        if ph or pw:
-            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        if ph % 2 == 0 and pw % 2 == 0:
+            # symmetric: the convolution pads itself (no padded copy of the input; every
+            # stride-1 convolution and the 1x1s take this path)
+            return F.conv2d(x, self.weight, self.bias, self.stride, (ph // 2, pw // 2),
+                            self.dilation, self.groups)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
@@ -173,13 +177,25 @@ def scale_input(images: torch.Tensor) -> torch.Tensor:
     return (images - 0.5) / 0.5
 
 
+class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` (same buffers, same state dict keys) computed by the
+    one fused inference kernel of ``F.batch_norm(training=False)`` instead of a multiply and
+    an add over the whole activation: 1.08x on a lite0-fpn inference batch on the CPU, no
+    measurable change on a training step (``benchmarks/lite0_kernels.py``). The statistics and
+    the affine stay fixed; gradients flow to the input only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
+
+
 def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d by a FrozenBatchNorm2d with the same statistics (in place);
+    """Replace every BatchNorm2d by a frozen one with the same statistics (in place);
     detection batches are too small to estimate batch statistics, as in torchvision's
     detection backbones."""
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            frozen = FusedFrozenBatchNorm2d(child.num_features, eps=child.eps)
             frozen.weight.copy_(child.weight.detach())
             frozen.bias.copy_(child.bias.detach())
             frozen.running_mean.copy_(child.running_mean)
@@ -207,7 +223,14 @@ class Lite0FPNBackbone(nn.Module):
     ResNet-FPN backbones return them. Batch norm is frozen (its ImageNet statistics). Only
     the top ``trainable_levels`` stride levels train; the fixed prefix runs under
     ``torch.no_grad`` so it stays fixed whatever a freezing policy later sets on
-    ``requires_grad`` (and costs no backward pass)."""
+    ``requires_grad`` (and costs no backward pass).
+
+    Weights and activations are channels-last (NHWC): the CPU convolution kernels run the
+    depthwise and 1x1 convolutions of the MBConv blocks faster that way (1.19x per training
+    step, 1.26x per inference batch with the fused kernels above, ``benchmarks/lite0_kernels.py``).
+    The layout is a memory order only: shapes, state dict keys and values are unchanged."""
+
+    channels_last = True
 
     def __init__(self, out_channels: int = 128, weights: str | Path | None | bool = True,
                  trainable_levels: int = 3):
@@ -229,11 +252,15 @@ class Lite0FPNBackbone(nn.Module):
             extra_blocks=LastLevelMaxPool(),
         )
         self.out_channels = out_channels
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         body = self.body
         wanted = {b: k for k, b in FEATURE_BLOCKS.items()}
         feats: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.fixed_blocks < 0):
             x = body.act(body._bn0(body._conv_stem(x)))
         for i, block in enumerate(body._blocks):
