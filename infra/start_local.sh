@@ -5,6 +5,21 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 mkdir -p "$FEWSHOT_STATE/logs" "$FEWSHOT_STATE/mlartifacts"
 
+# MLflow first, in the background: its server and Ray's head each take tens of seconds to come
+# up, so the two start side by side and the health check waits for MLflow after Ray is up.
+mlflow_started=0
+if curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null 2>&1; then
+  echo "mlflow: already running at $MLFLOW_TRACKING_URI"
+else
+  echo "mlflow: starting at $MLFLOW_TRACKING_URI (store $FEWSHOT_STATE/mlflow.db)"
+  nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$FEWSHOT_STATE/mlflow.db" \
+    --artifacts-destination "$FEWSHOT_STATE/mlartifacts" \
+    >"$FEWSHOT_STATE/logs/mlflow.log" 2>&1 &
+  echo $! >"$FEWSHOT_STATE/mlflow.pid"
+  mlflow_started=1
+fi
+
 if ray status --address "127.0.0.1:$RAY_PORT" >/dev/null 2>&1; then
   echo "ray: already running at 127.0.0.1:$RAY_PORT"
 else
@@ -15,18 +30,11 @@ else
     || { cat "$FEWSHOT_STATE/logs/ray-start.log"; exit 1; }
 fi
 
-if curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null 2>&1; then
-  echo "mlflow: already running at $MLFLOW_TRACKING_URI"
-else
-  echo "mlflow: starting at $MLFLOW_TRACKING_URI (store $FEWSHOT_STATE/mlflow.db)"
-  nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "sqlite:///$FEWSHOT_STATE/mlflow.db" \
-    --artifacts-destination "$FEWSHOT_STATE/mlartifacts" \
-    >"$FEWSHOT_STATE/logs/mlflow.log" 2>&1 &
-  echo $! >"$FEWSHOT_STATE/mlflow.pid"
+if [ "$mlflow_started" = 1 ]; then
   for _ in $(seq 1 120); do
     curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null 2>&1 && break
     sleep 1
   done
   curl -sf "$MLFLOW_TRACKING_URI/health" >/dev/null || { tail -30 "$FEWSHOT_STATE/logs/mlflow.log"; exit 1; }
+  echo "mlflow: up"
 fi
