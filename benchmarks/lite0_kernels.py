@@ -15,12 +15,14 @@ memory layout changes the convolution's summation order, which can flip a propos
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
@@ -37,10 +39,6 @@ class PaddedCopyConv2d(lite.SameConv2d):
     """The reference: TF ``SAME`` padding as an explicit padded copy before every convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import math
-
-        import torch.nn.functional as F
-
         ih, iw = x.shape[-2:]
         kh, kw = self.kernel_size
         sh, sw = self.stride
