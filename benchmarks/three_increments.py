@@ -22,6 +22,7 @@ and a plot of AP50 per class group across the increments. With several ``--seeds
 runs once per seed and the table gives mean ± 95% t-interval.
 
     python benchmarks/three_increments.py --catalog /tmp/fewshot-quality-catalog --seeds 0
+    python benchmarks/three_increments.py --summarize benchmarks/results_three_increments.jsonl
 """
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the jobs' Ray cluster (RAY_ADDRESS): 'local' starts a private one per job, so a "
                         "cluster already running on this machine is left alone; or a cluster address")
     p.add_argument("--json-out", default="", help="append one JSON line per seed to this file")
+    p.add_argument("--summarize", default="",
+                   help="print the table (mean ± 95%% CI over the seeds) of the JSON lines in this file "
+                        "and exit; runs nothing (the upper-bound row needs it in every line)")
     return p
 
 
@@ -202,7 +206,22 @@ def plot(results: list[dict]):
     return fig
 
 
+def summarize(path: str) -> None:
+    results = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not results:
+        raise SystemExit(f"{path} holds no results")
+    seeds = ", ".join(str(r["seed"]) for r in results)
+    print(f"{len(results)} seed(s) ({seeds}); mean ± 95% CI in AP50 points\n")
+    print(table(results))
+    joint = [r for r in results if "joint" in r]
+    if joint and len(joint) < len(results):
+        print(f"\nupper bound of seed(s) {', '.join(str(r['seed']) for r in joint)} only:")
+        print(table(joint).splitlines()[-1])
+
+
 def main(args: argparse.Namespace) -> None:
+    if args.summarize:
+        return summarize(args.summarize)
     import mlflow
 
     from catalog import Catalog
