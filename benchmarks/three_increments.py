@@ -58,7 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default="local",
                    help="the jobs' Ray cluster (RAY_ADDRESS): 'local' starts a private one per job, so a "
                         "cluster already running on this machine is left alone; or a cluster address")
-    p.add_argument("--json-out", default="", help="append one JSON line per seed to this file")
+    p.add_argument("--bias-correction", default="off",
+                   help="comma-separated variants of add_classes' --bias-correction: 'off' or a base AP50 drop "
+                        "(e.g. off,0.01); every variant's increments start from the same base model of the seed "
+                        "(a copy registered under the variant's model name), so the variants are paired")
+    p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
     p.add_argument("--summarize", default="",
                    help="print the table (mean ± 95%% CI over the seeds) of the JSON lines in this file "
                         "and exit; runs nothing (the upper-bound row needs it in every line)")
@@ -121,32 +125,66 @@ def latest_version(uri: str, model: str) -> int:
     return max(int(v.version) for v in MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{model}'"))
 
 
-def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[list[str]]) -> dict:
+def variant_model(seed: int, variant: str) -> str:
+    return f"increments-s{seed}" if variant == "off" else f"increments-s{seed}-bc{variant}"
+
+
+def fork_base(uri: str, source: str, target: str) -> None:
+    """Register the base version (1) of ``source`` as ``target``'s champion: the same weights,
+    so the variants' chains are paired."""
+    import mlflow
+
+    from fewshot.backends import registry
+    from fewshot.model.checkpoint import load_checkpoint
+
+    if registry.get_alias(uri, target, registry.CHAMPION) is not None:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        path = registry.download_checkpoint(uri, source, 1, d)
+        ckpt = load_checkpoint(path)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("fewshot-increments")
+        with mlflow.start_run(run_name=f"fork-{source}-to-{target}"):
+            v = registry.register_detector(uri, target, path, classes=ckpt.classes, class_set=ckpt.class_set,
+                                           parent_version=None, shots=None,
+                                           extra_tags={"dataset": ckpt.dataset, "forked_from": f"{source}/1"})
+    registry.set_alias(uri, target, registry.CHAMPION, v.version)
+
+
+def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[list[str]],
+          variant: str = "off", base_from: str | None = None) -> dict:
+    """One seed's chain; ``variant``: add_classes' --bias-correction ('off' or a drop);
+    ``base_from``: the model whose base version this chain starts from (else it trains one)."""
     from fewshot.backends import registry
 
-    model = f"increments-s{seed}"
+    model = variant_model(seed, variant)
     common = ["--catalog", args.catalog, "--mlflow-uri", uri, "--model-name", model,
               "--experiment", "fewshot-increments"]
     steps = []
-    if registry.get_alias(uri, model, registry.CHAMPION) is None:
+    if base_from is not None:
+        fork_base(uri, base_from, model)
+    elif registry.get_alias(uri, model, registry.CHAMPION) is None:
         run(job("base_train") + common + [
             "--dataset", manifest.name, "--classes", ",".join(groups[0]), "--preset", args.preset,
             "--steps", str(args.base_steps), "--num-workers", str(args.num_workers), "--seed", str(seed)], env)
     steps.append({"step": "base", "gate": "-", **score_champion(catalog, uri, model, groups, args.test_images)})
+    correction = [] if variant == "off" else ["--bias-correction", variant]
     for i, group in enumerate(groups[1:], start=1):
         run(job("add_classes") + common + [
             "--classes", ",".join(group), "--shots", str(args.shots), "--steps", str(args.add_steps),
-            "--seed", str(seed + i)], env)
+            "--seed", str(seed + i), *correction], env)
         version = latest_version(uri, model)
         verdict = gate_verdict(uri, model, version)
         if registry.get_alias(uri, model, registry.CHAMPION).version != version:
             run(job("promote") + common[:6] + ["--version", str(version), "--reason",
                                                f"three-increments protocol: step {i} continues from it"], env)
             verdict += " (promoted by the protocol)"
-        steps.append({"step": f"+inc{i}", "gate": verdict,
-                      **score_champion(catalog, uri, model, groups, args.test_images)})
-    out = {"seed": seed, "steps": steps}
-    if not args.no_upper_bound:
+        step = {"step": f"+inc{i}", "gate": verdict, **score_champion(catalog, uri, model, groups, args.test_images)}
+        if variant != "off":
+            step["offset"] = float(registry.get_version(uri, model, version).tags.get("bias_correction_offset", "nan"))
+        steps.append(step)
+    out = {"seed": seed, "bias_correction": variant, "steps": steps}
+    if not args.no_upper_bound and base_from is None:
         joint = f"increments-joint-s{seed}"
         jcommon = common[:4] + ["--model-name", joint, "--experiment", "fewshot-increments"]
         if registry.get_alias(uri, joint, registry.CHAMPION) is None:
@@ -206,17 +244,49 @@ def plot(results: list[dict]):
     return fig
 
 
+def paired_drops(off: list[dict], on: list[dict]) -> str:
+    """Per increment, over the seeds both variants ran: base drop with the correction minus
+    without, and the same for the new classes' AP50 (AP50 points, mean ± 95% CI)."""
+    from fewshot.metrics.stats import mean_ci95
+
+    by_seed = {r["seed"]: r for r in off}
+    pairs = [(by_seed[r["seed"]], r) for r in on if r["seed"] in by_seed]
+    if not pairs:
+        return ""
+    lines = ["| step | base drop, corrected − off | new group AP50, corrected − off | offsets chosen |",
+             "|---|---|---|---|"]
+    for k in range(1, len(pairs[0][0]["steps"])):
+        def drop(r):
+            return r["steps"][k - 1]["base"] - r["steps"][k]["base"]
+        group = f"inc{k}"
+        d_drop = mean_ci95(drop(b) - drop(a) for a, b in pairs).format()
+        d_new = mean_ci95(b["steps"][k][group] - a["steps"][k][group] for a, b in pairs).format()
+        offsets = " / ".join(f"{b['steps'][k].get('offset', float('nan')):g}" for _, b in pairs)
+        lines.append(f"| {pairs[0][0]['steps'][k]['step']} | {d_drop} | {d_new} | {offsets} |")
+    return f"paired over seed(s) {', '.join(str(a['seed']) for a, _ in pairs)}:\n\n" + "\n".join(lines)
+
+
 def summarize(path: str) -> None:
-    results = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    if not results:
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines:
         raise SystemExit(f"{path} holds no results")
-    seeds = ", ".join(str(r["seed"]) for r in results)
-    print(f"{len(results)} seed(s) ({seeds}); mean ± 95% CI in AP50 points\n")
-    print(table(results))
-    joint = [r for r in results if "joint" in r]
-    if joint and len(joint) < len(results):
-        print(f"\nupper bound of seed(s) {', '.join(str(r['seed']) for r in joint)} only:")
-        print(table(joint).splitlines()[-1])
+    variants: dict[str, list[dict]] = {}
+    for r in lines:
+        variants.setdefault(str(r.get("bias_correction", "off")), []).append(r)
+    for variant, results in variants.items():
+        seeds = ", ".join(str(r["seed"]) for r in results)
+        print(f"--bias-correction {variant}: {len(results)} seed(s) ({seeds}); mean ± 95% CI in AP50 points\n")
+        print(table(results))
+        joint = [r for r in results if "joint" in r]
+        if joint and len(joint) < len(results):
+            print(f"\nupper bound of seed(s) {', '.join(str(r['seed']) for r in joint)} only:")
+            print(table(joint).splitlines()[-1])
+        print()
+    for variant, results in variants.items():
+        if variant != "off" and "off" in variants:
+            text = paired_drops(variants["off"], results)
+            if text:
+                print(f"--bias-correction {variant} against off, {text}\n")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -243,13 +313,26 @@ def main(args: argparse.Namespace) -> None:
         env["MLFLOW_TRACKING_URI"] = uri
         env["RAY_ADDRESS"] = args.ray_address
         t0 = time.time()
-        results = []
+        variants = [v.strip() for v in args.bias_correction.split(",") if v.strip()]
+        for v in variants:
+            if v != "off":
+                float(v)  # a drop, e.g. 0.01: fail before any job runs
+        by_variant: dict[str, list[dict]] = {v: [] for v in variants}
         for seed in (int(s) for s in args.seeds.split(",")):
-            r = chain(args, catalog, manifest, uri, env, seed, groups)
-            results.append(r)
-            if args.json_out:
-                with open(args.json_out, "a") as f:
-                    f.write(json.dumps({**r, "args": vars(args)}) + "\n")
+            first = None
+            for variant in variants:
+                r = chain(args, catalog, manifest, uri, env, seed, groups, variant,
+                          base_from=None if first is None else variant_model(seed, first))
+                first = first or variant
+                by_variant[variant].append(r)
+                if args.json_out:
+                    with open(args.json_out, "a") as f:
+                        f.write(json.dumps({**r, "args": vars(args)}) + "\n")
+        results = by_variant[variants[0]]
+        for variant in variants[1:]:
+            print(f"\n--bias-correction {variant}:\n{table(by_variant[variant])}", flush=True)
+            if variants[0] == "off":
+                print(paired_drops(by_variant["off"], by_variant[variant]), flush=True)
         text = table(results)
         print(f"\n{len(results)} seed(s), {args.shots} shots, preset {args.preset}, "
               f"{args.test_images} test images; mean ± 95% CI in AP50 points (MeanCI.format prints fractions as points) ({time.time() - t0:.0f} s)\n")

@@ -143,7 +143,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
                                "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0", "--max-detector-drop", "1.0",
                                "--cpus-per-worker", "1", "--freeze", "backbone", "--balancer", "pgb",
                                "--teacher", tiny_teacher_spec, "--distill-beta", "0.5",
-                               "--max-val-images", "8", *common])
+                               "--max-val-images", "8", "--bias-correction", "0.01", *common])
         assert "as 'champion'" in out
         deadline = time.time() + 120
         while time.time() < deadline and 2 not in versions:
@@ -193,6 +193,13 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     assert figures["child_refined"] is True and figures["parent_refined"] is False
     assert {"served_change", "unrefined_change"} <= set(figures)
     assert "on val" in v2.tags["gate_rule"] and v2.tags["gate"] == "passed"
+    # bias correction chose the new rows' offset on the same val images; the gate scored the
+    # corrected detector, so a choice that met the 1-point limit shows in the gate's figures
+    offset = float(v2.tags["bias_correction_offset"])
+    assert offset <= 0.0 and f"new rows' logit offset {offset:g}" in out
+    assert v2.tags["bias_correction_met"] in ("true", "false")
+    if v2.tags["bias_correction_met"] == "true":
+        assert figures["unrefined_change"] >= -0.01 - 1e-9, figures
     assert v2.tags["report_split"] == "test" and v2.tags["promotion"] == "champion"
     assert "incomplete" not in v2.tags  # the promotion actor removed it with the alias move
     mv = client.get_model_version(MODEL, "2")

@@ -9,6 +9,12 @@ from support RoI features (Qi et al., "Low-Shot Learning with Imprinted Weights"
 the normalised mean embedding of the class's examples), so the rows of earlier classes stay
 bit-identical across every later class set.
 
+Every row also carries a logit offset (``logit_bias``, zero unless set): bias correction
+(Wu et al., "Large Scale Incremental Learning", CVPR 2019, Sec. 3.3, Eq. 3, the correction
+``alpha * o_k + beta`` on the new classes' logits, here with ``alpha = 1``) chosen on val after
+fine-tuning by :mod:`fewshot.learning.bias_correction`; an increment's offsets move into the
+frozen block with its rows and stay fixed.
+
 Box regression is class-agnostic (one set of deltas, repeated per class for torchvision's
 post-processing), so a new class needs no new regression rows and old localisation is kept.
 """
@@ -27,6 +33,7 @@ class CosineClassifier(nn.Module):
         self.weight_old = nn.Parameter(torch.empty(0, in_features), requires_grad=False)
         self.weight_new = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.normal_(self.weight_new, std=0.01)
+        self.register_buffer("logit_bias", torch.zeros(num_classes))
 
     @property
     def num_classes(self) -> int:
@@ -39,7 +46,13 @@ class CosineClassifier(nn.Module):
         # fp32 even under autocast: scale * cosine in bf16 would move logits by ~0.1 (tiny matmul)
         with torch.autocast(device_type=x.device.type, enabled=False):
             w = self.weight().float()
-            return self.scale * F.normalize(x.float(), dim=1) @ F.normalize(w, dim=1).t()
+            logits = self.scale * F.normalize(x.float(), dim=1) @ F.normalize(w, dim=1).t()
+            return logits + self.logit_bias.float()
+
+    @torch.no_grad()
+    def set_new_bias(self, value: float) -> None:
+        """Offset every trainable (newest) row's logit by ``value``; old rows keep theirs."""
+        self.logit_bias[self.weight_old.shape[0]:] = value
 
     @torch.no_grad()
     def expand(self, new_rows: torch.Tensor) -> None:
@@ -52,6 +65,7 @@ class CosineClassifier(nn.Module):
         device = old.device
         self.weight_old = nn.Parameter(old, requires_grad=False)
         self.weight_new = nn.Parameter(new_rows.detach().to(device=device, dtype=old.dtype).clone())
+        self.logit_bias = torch.cat([self.logit_bias, self.logit_bias.new_zeros(new_rows.shape[0])])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Block sizes vary between class sets: take the shapes from the checkpoint.
@@ -63,6 +77,11 @@ class CosineClassifier(nn.Module):
                 setattr(self, name, nn.Parameter(
                     torch.empty(state_dict[key].shape, dtype=current.dtype, device=current.device),
                     requires_grad=current.requires_grad))
+        rows = self.weight_old.shape[0] + self.weight_new.shape[0]
+        # checkpoints saved before the offsets existed hold none: zero for every row
+        if prefix + "logit_bias" not in state_dict:
+            state_dict[prefix + "logit_bias"] = torch.zeros(rows)
+        self.logit_bias = torch.zeros(rows, dtype=self.logit_bias.dtype, device=self.logit_bias.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import tempfile
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
@@ -45,6 +46,7 @@ from fewshot.backends.cluster import ClusterOptions, ensure_ray, predict_on
 from fewshot.model.trunk_cache import TrunkCache, use_trunk_cache
 from fewshot.backends.ray_train import PRECISION_KEY
 from fewshot.clip.refinement import EXTRA_KEY as REFINER_KEY
+from fewshot.learning.bias_correction import fit_new_row_offset
 from fewshot.learning.episode import Episode, expand_parent, refine_checkpoint_file, score
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodConfig, MethodOptions, TeacherEmbedder
@@ -81,6 +83,11 @@ class AddClassesOptions:
     max_detector_drop: float = 0.05
     """Gate: the largest drop of base-class AP50 on val allowed for the detector alone
     (unrefined), so a refiner cannot hide a detector that forgot the old classes."""
+    bias_correction: float | None = None
+    """Bias correction (BiC) of the new classes' logits, off by default: after fine-tuning,
+    choose on val the smallest negative offset of the new rows' logits that keeps the
+    detector's base AP50 within this much of the parent's (e.g. 0.01 for one point); the
+    offset travels in the checkpoint. The choice and every offset's val figures go to MLflow."""
     tuned_config: str | None = None
     """'best': the configuration jobs/tune.py stored for --model-name (balancer, momentum, beta,
     lr, steps and the freeze policy it was tuned under override the flags); or a JSON file with
@@ -140,7 +147,7 @@ class AddClassesResult:
     precision: str = "fp32"       # the precision the child trained and was evaluated in (version tag)
 
 
-STAGES = ("validate", "expand", "finetune", "refine_fit", "evaluate", "register")
+STAGES = ("validate", "expand", "finetune", "bias_correction", "refine_fit", "evaluate", "register")
 
 
 class _Clock:
@@ -245,6 +252,9 @@ def validate(opts: AddClassesOptions) -> Plan:
     opts, config_source = apply_tuned_config(opts, store.mlflow_uri)
     if opts.shots < 1:
         raise AddClassesError(f"--shots must be at least 1, got {opts.shots}")
+    if opts.bias_correction is not None and not 0.0 <= opts.bias_correction < 1.0:
+        raise AddClassesError(f"--bias-correction is a drop of base AP50 (a fraction, 0 <= d < 1), "
+                              f"got {opts.bias_correction}")
     if not opts.classes:
         raise AddClassesError("--classes is empty: name at least one class to add")
     classes = list(opts.classes)
@@ -395,6 +405,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
             "seed": opts.seed, "parent_version": plan.parent.version,
             "replay": opts.replay, "novel_images": len(novel_rows), "replay_images": len(replay_rows),
             "max_base_drop": opts.max_base_drop, "max_detector_drop": opts.max_detector_drop,
+            "bias_correction": "off" if opts.bias_correction is None else opts.bias_correction,
             "teacher": plan.teacher.id if plan.teacher is not None else "none",
             "refine": plan.refine, "config_source": plan.config_source,
             "val_images": len(plan.val.rows), "test_images": len(plan.test.rows) if plan.test else 0,
@@ -427,6 +438,16 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         precision = child_ckpt.extra.get(PRECISION_KEY, "fp32")  # what the worker trained in
         # parent and child share the trunk when it was frozen: score its features once per image
         eval_cache = TrunkCache() if use_trunk_cache(method.freeze, opts.cluster.device()) else None
+        parent_val_split = _base_only(plan.val)
+        parent_val = None
+        bias_tags: dict[str, str] = {}
+        if opts.bias_correction is not None:
+            with clock("evaluate"):
+                parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster,
+                                         eval_cache)
+            with clock("bias_correction"):
+                child_ckpt, bias_tags = _correct_new_bias(final, child_ckpt, plan, parent_val.unrefined.bAP50,
+                                                          precision, eval_cache)
         with clock("evaluate"):
             child_val_results = predict_on(opts.cluster, child_ckpt, plan.val, precision, eval_cache)
         refiner = None
@@ -439,8 +460,9 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         # the gate: val only, parent and child each as served and unrefined
         print(f"scoring parent and child on {len(plan.val.rows)} val images (the gate) ...", flush=True)
         clock.start("evaluate")
-        parent_val_split = _base_only(plan.val)
-        parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster, eval_cache)
+        if parent_val is None:
+            parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster,
+                                     eval_cache)
         child_val_raw = score(child_ckpt, plan.val, results=child_val_results)
         child_val = _Scores(served=score(child_ckpt, plan.val, refiner=refiner, results=child_val_results)
                             if refiner is not None else child_val_raw, unrefined=child_val_raw)
@@ -495,7 +517,8 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                         "bAP50_change": f"{figures.served_change:.4f}",
                         "bAP50_change_unrefined": f"{figures.unrefined_change:.4f}",
                         promotion.INCOMPLETE_TAG: "true", PRECISION_KEY: precision,
-                        **method_tags, **refine_tags, **report_tags, **tracking.eval_tags(reported)},
+                        **method_tags, **refine_tags, **bias_tags, **report_tags,
+                        **tracking.eval_tags(reported)},
         )
         kill_point("after_register")
         decision = promotion.promote(store.mlflow_uri, store.model_name, version.version,
@@ -522,6 +545,37 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
     return AddClassesResult(version=version, promoted=decision.promoted, reason=decision.reason,
                             gate=figures, child=reported.headline(), timings=dict(clock.timings),
                             precision=precision)
+
+
+def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_bAP50: float,
+                      precision: str, trunk_cache: TrunkCache | None
+                      ) -> tuple[DetectorCheckpoint, dict[str, str]]:
+    """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`), write
+    it into the checkpoint at ``path``, log the choice; returns the corrected checkpoint and
+    the version tags that record it. Runs where the driver evaluates (its GPU with --gpu when
+    it has one, else the CPU)."""
+    opts = plan.opts
+    model = child_ckpt.build_model()
+    print(f"choosing the new classes' logit offset on {len(plan.val.rows)} val images "
+          f"(base AP50 within {opts.bias_correction:g} of the parent's {parent_bAP50:.4f}) ...", flush=True)
+    choice = fit_new_row_offset(model, plan.val, child_ckpt.category_ids, parent_bAP50, opts.bias_correction,
+                                device=opts.cluster.device(), precision=precision, trunk_cache=trunk_cache)
+    save_checkpoint(path, model, child_ckpt.config, child_ckpt.classes, child_ckpt.category_ids,
+                    child_ckpt.dataset, child_ckpt.class_set, child_ckpt.extra)
+    for i, row in enumerate(choice.table):
+        tracking.log_metrics({f"bias_correction/val_{k}": row[k] for k in ("bAP50", "nAP50", "HM50")
+                              if not math.isnan(row[k])}, step=i)
+    tracking.log_dict({"offsets": choice.table, "chosen": choice.offset, "met": choice.met,
+                       "parent_val_bAP50": parent_bAP50, "max_base_drop": opts.bias_correction},
+                      "bias_correction.json")
+    tags = {"bias_correction_offset": f"{choice.offset:g}", "bias_correction_met": str(choice.met).lower(),
+            "bias_correction_max_drop": f"{opts.bias_correction:g}"}
+    tracking.set_tags(tags)
+    row = next(r for r in choice.table if r["offset"] == choice.offset)
+    print(f"new rows' logit offset {choice.offset:g}: val bAP50 {row['bAP50']:.4f} nAP50 {row['nAP50']:.4f}"
+          + ("" if choice.met else f" (no offset tried keeps base AP50 within {opts.bias_correction:g})"),
+          flush=True)
+    return load_checkpoint(path), tags
 
 
 def _base_only(split: EvalSplit) -> EvalSplit:

@@ -1,0 +1,172 @@
+"""Bias correction of the newest classes' logits, chosen on val.
+
+BiC (Wu et al., "Large Scale Incremental Learning", CVPR 2019, Sec. 3.3, Eq. 3) corrects the
+logits of the classes an increment adds, ``q_k = alpha * o_k + beta``, with ``alpha`` and
+``beta`` fitted on a small validation set after training, because the new classes' logits come
+out too large against the old ones. Here ``alpha = 1`` (the cosine classifier puts every row on
+one scale already, :mod:`fewshot.model.cosine_head`) and ``beta`` is a logit offset on the new
+rows, chosen from a grid on the val split by the rule a continual detector needs: **the
+smallest correction that keeps the old classes' AP50 within ``max_base_drop`` of the parent's**
+(the parent scored alone on the same images); when no offset reaches that, the one with the
+best old-class AP50.
+
+Why it helps: under ``--freeze head`` the old rows and the features are the parent's, so the
+only way a child loses old-class AP is that its new rows take probability from old classes on
+their own objects (softmax over all rows). A negative offset gives that mass back; at
+``beta -> -inf`` the old classes score exactly as in the parent.
+
+The val predictions are computed once: the second stage's inputs to torchvision's
+post-processing (proposals, class logits, box deltas) are kept per image, and every offset of
+the grid re-runs only the post-processing (:meth:`RoIHeads.postprocess_detections`, the
+transform's rescaling) and pycocotools, so a grid costs about one prediction pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fewshot.metrics.coco_eval import EvalReport, EvalSplit
+from fewshot.model.batches import decode_row_image_uint8
+from fewshot.model.devices import autocast, move_batch, resolve_device, resolve_precision
+from fewshot.model.trunk_cache import TrunkCache, cached_trunk
+
+DEFAULT_OFFSETS = (0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, -8.0)
+
+
+@dataclass
+class SecondStage:
+    """One image's inputs to the detector's post-processing."""
+
+    image_id: int
+    class_logits: torch.Tensor  # [R, C], with the classifier's current offsets
+    box_regression: torch.Tensor  # [R, 4 * C]
+    proposals: torch.Tensor  # [R, 4], in the transformed image
+    image_size: tuple[int, int]  # (h, w) after the model's transform
+    original_size: tuple[int, int]  # (h, w) of the decoded image
+
+
+@dataclass
+class BiasChoice:
+    offset: float
+    parent_bAP50: float
+    max_base_drop: float
+    met: bool  # the chosen offset keeps bAP50 within max_base_drop of the parent
+    table: list[dict] = field(default_factory=list)  # one row per offset: bAP50, nAP50, HM50
+
+
+@torch.no_grad()
+def collect_second_stage(model: nn.Module, rows: Iterable[Mapping], batch_size: int = 8, *,
+                         device: str | torch.device | None = None, precision: str = "fp32",
+                         trunk_cache: TrunkCache | None = None) -> list[SecondStage]:
+    """Run ``model`` over catalog rows as :func:`fewshot.metrics.coco_eval.predict_rows` does
+    and keep, per image, what its post-processing starts from (on the CPU, fp32)."""
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    model.to(device).eval()
+    captured: dict[str, object] = {}
+
+    def keep_inputs(_module, args):
+        captured["proposals"], captured["image_shapes"] = args[1], args[2]
+
+    def keep_outputs(_module, _args, output):
+        captured["class_logits"], captured["box_regression"] = output
+
+    hooks = [model.roi_heads.register_forward_pre_hook(keep_inputs),
+             model.roi_heads.box_predictor.register_forward_hook(keep_outputs)]
+    out: list[SecondStage] = []
+    batch: list[Mapping] = []
+
+    def flush():
+        images, _ = move_batch([decode_row_image_uint8(r["image"]) for r in batch], None, device)
+        with autocast(device, precision):
+            model(images)
+        counts = [len(p) for p in captured["proposals"]]
+        logits = captured["class_logits"].float().cpu().split(counts)
+        deltas = captured["box_regression"].float().cpu().split(counts)
+        for i, row in enumerate(batch):
+            out.append(SecondStage(
+                image_id=int(row["image_id"]), class_logits=logits[i], box_regression=deltas[i],
+                proposals=captured["proposals"][i].float().cpu(),
+                image_size=tuple(int(v) for v in captured["image_shapes"][i]),
+                original_size=(int(images[i].shape[-2]), int(images[i].shape[-1]))))
+        batch.clear()
+
+    try:
+        with cached_trunk(model, trunk_cache, for_training=False):
+            for row in rows:
+                batch.append(row)
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
+                flush()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
+def detections_with_offset(model: nn.Module, stages: Sequence[SecondStage], first_new: int,
+                           offset: float, label_to_category: Sequence[int]) -> list[dict]:
+    """COCO results of the kept second stages with ``offset`` added to the logits of labels
+    ``first_new`` and above (the same detections the model makes with that offset set)."""
+    heads = model.roi_heads
+    results: list[dict] = []
+    for st in stages:
+        logits = st.class_logits.clone()
+        logits[:, first_new:] += offset
+        boxes, scores, labels = heads.postprocess_detections(
+            logits, st.box_regression, [st.proposals], [st.image_size])
+        det = model.transform.postprocess([{"boxes": boxes[0], "scores": scores[0], "labels": labels[0]}],
+                                          [st.image_size], [st.original_size])[0]
+        for (x1, y1, x2, y2), label, score in zip(det["boxes"].tolist(), det["labels"].tolist(),
+                                                  det["scores"].tolist()):
+            results.append({"image_id": st.image_id, "category_id": int(label_to_category[label - 1]),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+    return results
+
+
+def choose_offset(reports: Mapping[float, EvalReport], parent_bAP50: float,
+                  max_base_drop: float) -> tuple[float, bool]:
+    """The offset closest to zero whose bAP50 is within ``max_base_drop`` (AP50 as a fraction)
+    of ``parent_bAP50``; else the one with the best bAP50 (closest to zero on ties)."""
+    by_size = sorted(reports, key=abs)
+    for offset in by_size:
+        if reports[offset].bAP50 >= parent_bAP50 - max_base_drop - 1e-9:
+            return offset, True
+    return max(by_size, key=lambda o: (reports[o].bAP50, -abs(o))), False
+
+
+def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Sequence[int],
+                       parent_bAP50: float, max_base_drop: float,
+                       offsets: Sequence[float] = DEFAULT_OFFSETS, *,
+                       device: str | torch.device | None = None, precision: str = "fp32",
+                       trunk_cache: TrunkCache | None = None,
+                       stages: Sequence[SecondStage] | None = None) -> BiasChoice:
+    """Choose the newest rows' logit offset on ``split`` (see the module docstring), set it on
+    ``model``'s classifier and return the choice with the figures of every offset tried."""
+    if not offsets:
+        raise ValueError("offsets must not be empty")
+    if any(not math.isfinite(o) or o > 0 for o in offsets):
+        raise ValueError(f"offsets must be finite and <= 0 (a correction lowers the new logits), got {offsets}")
+    classifier = model.roi_heads.box_predictor.cls_score
+    first_new = classifier.weight_old.shape[0]
+    if first_new <= 1 or classifier.weight_new.shape[0] == 0:
+        raise ValueError("bias correction needs old classes and new rows (a model fresh from expand_detector)")
+    classifier.set_new_bias(0.0)
+    if stages is None:
+        stages = collect_second_stage(model, split.rows, device=device, precision=precision,
+                                      trunk_cache=trunk_cache)
+    reports = {float(o): split.evaluate(detections_with_offset(model, stages, first_new, float(o),
+                                                               label_to_category))
+               for o in offsets}
+    chosen, met = choose_offset(reports, parent_bAP50, max_base_drop)
+    classifier.set_new_bias(chosen)
+    table = [{"offset": o, "bAP50": r.bAP50, "nAP50": r.nAP50, "HM50": r.HM50}
+             for o, r in sorted(reports.items(), key=lambda kv: -kv[0])]
+    return BiasChoice(offset=chosen, parent_bAP50=parent_bAP50, max_base_drop=max_base_drop,
+                      met=met, table=table)

@@ -1,0 +1,140 @@
+"""Bias correction of the new rows' logits (BiC): the classifier's offsets travel with the rows,
+the cached second stage gives exactly the detections of the model with the offset set, a large
+negative offset gives the parent's old-class detections back, and the choice rule."""
+import math
+
+import pytest
+import torch
+
+from fewshot.learning.bias_correction import (
+    choose_offset,
+    collect_second_stage,
+    detections_with_offset,
+    fit_new_row_offset,
+)
+from fewshot.learning.episode import expand_parent, sample_episode
+from fewshot.metrics.coco_eval import EvalReport, load_eval_split, predict_rows
+from fewshot.model.checkpoint import load_checkpoint
+from fewshot.model.cosine_head import CosineClassifier
+from services import untrained_base_checkpoint
+
+KEY = "roi_heads.box_predictor.cls_score.logit_bias"
+
+
+def test_offsets_start_at_zero_move_with_their_rows_and_shift_only_the_new_logits():
+    clf = CosineClassifier(8, 4)
+    assert clf.logit_bias.tolist() == [0.0] * 4
+    x = torch.randn(5, 8)
+    clf.expand(torch.nn.functional.normalize(torch.randn(2, 8), dim=1))
+    before = clf(x)
+    clf.set_new_bias(-1.5)
+    assert clf.logit_bias.tolist() == [0.0] * 4 + [-1.5] * 2
+    after = clf(x)
+    assert torch.equal(after[:, :4], before[:, :4])
+    assert torch.allclose(after[:, 4:], before[:, 4:] - 1.5)
+    # the next increment: these rows become old and keep their offset; the new ones start at 0
+    clf.expand(torch.nn.functional.normalize(torch.randn(1, 8), dim=1))
+    clf.set_new_bias(-0.5)
+    assert clf.logit_bias.tolist() == [0.0] * 4 + [-1.5] * 2 + [-0.5]
+
+
+def test_offsets_round_trip_and_older_checkpoints_load_with_zero_offsets():
+    clf = CosineClassifier(8, 3)
+    clf.expand(torch.randn(2, 8))
+    clf.set_new_bias(-2.0)
+    state = clf.state_dict()
+    fresh = CosineClassifier(8, 1)
+    fresh.load_state_dict(state)
+    assert fresh.logit_bias.tolist() == [0.0] * 3 + [-2.0] * 2
+    legacy = {k: v for k, v in state.items() if k != "logit_bias"}
+    old = CosineClassifier(8, 1)
+    old.load_state_dict(legacy)  # strict: the missing offsets are filled, not an error
+    assert old.logit_bias.tolist() == [0.0] * 5
+
+
+@pytest.fixture(scope="module")
+def episode(tiny_catalog, tmp_path_factory):
+    parent = load_checkpoint(untrained_base_checkpoint(tiny_catalog, tmp_path_factory.mktemp("bc") / "d.pt"))
+    novel = list(tiny_catalog.manifest("synthworld").class_split("split1").novel[:2])
+    ep = sample_episode(tiny_catalog, parent, novel, shots=2, seed=1)
+    return parent, expand_parent(ep), novel
+
+
+def _model(ckpt):
+    model = ckpt.build_model()
+    model.roi_heads.score_thresh = 0.01  # an untrained head: its scores are near 1 / classes
+    return model
+
+
+def test_the_cached_second_stage_gives_the_model_s_own_detections(tiny_catalog, episode):
+    parent, child, novel = episode
+    split = load_eval_split(tiny_catalog, "synthworld", "test", parent.classes, novel, max_images=6)
+    model = _model(child)
+    stages = collect_second_stage(model, split.rows, batch_size=4)
+    assert len(stages) == 6 and stages[0].class_logits.shape[1] == len(child.classes) + 1
+    first_new = len(parent.classes) + 1
+    for offset in (0.0, -1.0):
+        cached = detections_with_offset(model, stages, first_new, offset, child.category_ids)
+        model.roi_heads.box_predictor.cls_score.set_new_bias(offset)
+        direct = predict_rows(model, split.rows, child.category_ids, batch_size=3)
+        model.roi_heads.box_predictor.cls_score.set_new_bias(0.0)
+        assert len(cached) == len(direct) > 20
+        for a, b in zip(cached, direct):
+            assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+            assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-3)
+            assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+    new_ids = set(child.category_ids[len(parent.classes):])
+    at0 = detections_with_offset(model, stages, first_new, 0.0, child.category_ids)
+    at1 = detections_with_offset(model, stages, first_new, -1.0, child.category_ids)
+    assert sum(r["category_id"] in new_ids for r in at1) < sum(r["category_id"] in new_ids for r in at0)
+
+
+def test_a_large_negative_offset_gives_back_the_parent_s_old_class_detections(tiny_catalog, episode):
+    parent, child, novel = episode
+    split = load_eval_split(tiny_catalog, "synthworld", "test", parent.classes, novel, max_images=6)
+    want = predict_rows(_model(parent), split.rows, parent.category_ids)
+    model = _model(child)
+    stages = collect_second_stage(model, split.rows)
+    got = detections_with_offset(model, stages, len(parent.classes) + 1, -60.0, child.category_ids)
+    assert len(got) == len(want) > 20
+    for a, b in zip(got, want):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+
+
+def test_fit_sets_the_chosen_offset_and_reports_every_offset_tried(tiny_catalog, episode):
+    parent, child, novel = episode
+    split = load_eval_split(tiny_catalog, "synthworld", "test", parent.classes, novel, max_images=6)
+    parent_b = split.evaluate(predict_rows(_model(parent), split.rows, parent.category_ids)).bAP50
+    model = _model(child)
+    choice = fit_new_row_offset(model, split, child.category_ids, parent_b, max_base_drop=0.0,
+                                offsets=(0.0, -2.0, -60.0))
+    assert [row["offset"] for row in choice.table] == [0.0, -2.0, -60.0]
+    assert choice.met  # at -60 the old classes score as in the parent
+    assert choice.offset in (0.0, -2.0, -60.0)
+    chosen = next(r for r in choice.table if r["offset"] == choice.offset)
+    assert chosen["bAP50"] >= parent_b - 1e-9
+    bias = model.roi_heads.box_predictor.cls_score.logit_bias
+    assert bias[len(parent.classes) + 1:].tolist() == [choice.offset] * len(novel)
+    assert bias[: len(parent.classes) + 1].abs().sum().item() == 0.0
+    # the model with the offset set scores what the table says
+    again = split.evaluate(predict_rows(model, split.rows, child.category_ids))
+    assert again.bAP50 == pytest.approx(chosen["bAP50"], abs=1e-6)
+    with pytest.raises(ValueError, match="<= 0"):
+        fit_new_row_offset(model, split, child.category_ids, parent_b, 0.01, offsets=(1.0,))
+    with pytest.raises(ValueError, match="new rows"):
+        fit_new_row_offset(_model(parent), split, parent.category_ids, parent_b, 0.01)
+
+
+def _report(b50: float, n50: float = 0.3) -> EvalReport:
+    return EvalReport(bAP=b50, bAP50=b50, nAP=n50, nAP50=n50, HM=math.nan, HM50=math.nan)
+
+
+def test_the_rule_takes_the_smallest_correction_within_the_drop_else_the_best_base():
+    reports = {0.0: _report(0.50), -1.0: _report(0.55), -2.0: _report(0.58), -4.0: _report(0.59)}
+    assert choose_offset(reports, parent_bAP50=0.60, max_base_drop=0.01) == (-4.0, True)
+    assert choose_offset(reports, parent_bAP50=0.60, max_base_drop=0.05) == (-1.0, True)
+    assert choose_offset(reports, parent_bAP50=0.50, max_base_drop=0.0) == (0.0, True)
+    assert choose_offset(reports, parent_bAP50=0.70, max_base_drop=0.01) == (-4.0, False)
+    tie = {0.0: _report(0.4), -1.0: _report(0.5), -3.0: _report(0.5)}
+    assert choose_offset(tie, parent_bAP50=0.9, max_base_drop=0.01) == (-1.0, False)
