@@ -118,8 +118,12 @@ def test_fit_sets_the_chosen_offset_and_reports_every_offset_tried(tiny_catalog,
     assert bias[len(parent.classes) + 1:].tolist() == [choice.offset] * len(novel)
     assert bias[: len(parent.classes) + 1].abs().sum().item() == 0.0
     # the model with the offset set scores what the table says
-    again = split.evaluate(predict_rows(model, split.rows, child.category_ids))
+    direct = predict_rows(model, split.rows, child.category_ids)
+    again = split.evaluate(direct)
     assert again.bAP50 == pytest.approx(chosen["bAP50"], abs=1e-6)
+    # and the choice carries those detections (add_classes gates on them without a second pass)
+    assert len(choice.results) == len(direct)
+    assert [r["category_id"] for r in choice.results] == [r["category_id"] for r in direct]
     with pytest.raises(ValueError, match="<= 0"):
         fit_new_row_offset(model, split, child.category_ids, parent_b, 0.01, offsets=(1.0,))
     with pytest.raises(ValueError, match="new rows"):

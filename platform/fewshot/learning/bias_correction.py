@@ -56,6 +56,7 @@ class BiasChoice:
     max_base_drop: float
     met: bool  # the chosen offset keeps bAP50 within max_base_drop of the parent
     table: list[dict] = field(default_factory=list)  # one row per offset: bAP50, nAP50, HM50
+    results: list[dict] = field(default_factory=list)  # COCO results on the split at the chosen offset
 
 
 @torch.no_grad()
@@ -161,12 +162,12 @@ def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Se
     if stages is None:
         stages = collect_second_stage(model, split.rows, device=device, precision=precision,
                                       trunk_cache=trunk_cache)
-    reports = {float(o): split.evaluate(detections_with_offset(model, stages, first_new, float(o),
-                                                               label_to_category))
-               for o in offsets}
+    detections = {float(o): detections_with_offset(model, stages, first_new, float(o), label_to_category)
+                  for o in offsets}
+    reports = {o: split.evaluate(results) for o, results in detections.items()}
     chosen, met = choose_offset(reports, parent_bAP50, max_base_drop)
     classifier.set_new_bias(chosen)
     table = [{"offset": o, "bAP50": r.bAP50, "nAP50": r.nAP50, "HM50": r.HM50}
              for o, r in sorted(reports.items(), key=lambda kv: -kv[0])]
     return BiasChoice(offset=chosen, parent_bAP50=parent_bAP50, max_base_drop=max_base_drop,
-                      met=met, table=table)
+                      met=met, table=table, results=detections[chosen])

@@ -441,15 +441,18 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         parent_val_split = _base_only(plan.val)
         parent_val = None
         bias_tags: dict[str, str] = {}
+        child_val_results = None
         if opts.bias_correction is not None:
             with clock("evaluate"):
                 parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster,
                                          eval_cache)
             with clock("bias_correction"):
-                child_ckpt, bias_tags = _correct_new_bias(final, child_ckpt, plan, parent_val.unrefined.bAP50,
-                                                          precision, eval_cache)
-        with clock("evaluate"):
-            child_val_results = predict_on(opts.cluster, child_ckpt, plan.val, precision, eval_cache)
+                # the grid's detections at the chosen offset are the corrected child's on val
+                child_ckpt, bias_tags, child_val_results = _correct_new_bias(
+                    final, child_ckpt, plan, parent_val.unrefined.bAP50, precision, eval_cache)
+        if child_val_results is None:
+            with clock("evaluate"):
+                child_val_results = predict_on(opts.cluster, child_ckpt, plan.val, precision, eval_cache)
         refiner = None
         if plan.refine:
             with clock("refine_fit"):
@@ -549,10 +552,10 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
 
 def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_bAP50: float,
                       precision: str, trunk_cache: TrunkCache | None
-                      ) -> tuple[DetectorCheckpoint, dict[str, str]]:
+                      ) -> tuple[DetectorCheckpoint, dict[str, str], list[dict]]:
     """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`), write
-    it into the checkpoint at ``path``, log the choice; returns the corrected checkpoint and
-    the version tags that record it. Runs where the driver evaluates (its GPU with --gpu when
+    it into the checkpoint at ``path``, log the choice; returns the corrected checkpoint, the
+    version tags that record it and its val detections. Runs where the driver evaluates (its GPU with --gpu when
     it has one, else the CPU)."""
     opts = plan.opts
     model = child_ckpt.build_model()
@@ -575,7 +578,7 @@ def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, pa
     print(f"new rows' logit offset {choice.offset:g}: val bAP50 {row['bAP50']:.4f} nAP50 {row['nAP50']:.4f}"
           + ("" if choice.met else f" (no offset tried keeps base AP50 within {opts.bias_correction:g})"),
           flush=True)
-    return load_checkpoint(path), tags
+    return load_checkpoint(path), tags, choice.results
 
 
 def _base_only(split: EvalSplit) -> EvalSplit:
