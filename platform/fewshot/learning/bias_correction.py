@@ -29,10 +29,8 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fewshot.metrics.coco_eval import EvalReport, EvalSplit
-from fewshot.model.batches import decode_row_image_uint8
-from fewshot.model.devices import autocast, move_batch, resolve_device, resolve_precision
-from fewshot.model.trunk_cache import TrunkCache, cached_trunk
+from fewshot.metrics.coco_eval import EvalReport, EvalSplit, coco_results, run_over_rows
+from fewshot.model.trunk_cache import TrunkCache
 
 DEFAULT_OFFSETS = (0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, -8.0)
 
@@ -65,9 +63,6 @@ def collect_second_stage(model: nn.Module, rows: Iterable[Mapping], batch_size: 
                          trunk_cache: TrunkCache | None = None) -> list[SecondStage]:
     """Run ``model`` over catalog rows as :func:`fewshot.metrics.coco_eval.predict_rows` does
     and keep, per image, what its post-processing starts from (on the CPU, fp32)."""
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    model.to(device).eval()
     captured: dict[str, object] = {}
 
     def keep_inputs(_module, args):
@@ -76,15 +71,9 @@ def collect_second_stage(model: nn.Module, rows: Iterable[Mapping], batch_size: 
     def keep_outputs(_module, _args, output):
         captured["class_logits"], captured["box_regression"] = output
 
-    hooks = [model.roi_heads.register_forward_pre_hook(keep_inputs),
-             model.roi_heads.box_predictor.register_forward_hook(keep_outputs)]
     out: list[SecondStage] = []
-    batch: list[Mapping] = []
 
-    def flush():
-        images, _ = move_batch([decode_row_image_uint8(r["image"]) for r in batch], None, device)
-        with autocast(device, precision):
-            model(images)
+    def keep(batch, images, _outputs):
         counts = [len(p) for p in captured["proposals"]]
         logits = captured["class_logits"].float().cpu().split(counts)
         deltas = captured["box_regression"].float().cpu().split(counts)
@@ -94,16 +83,12 @@ def collect_second_stage(model: nn.Module, rows: Iterable[Mapping], batch_size: 
                 proposals=captured["proposals"][i].float().cpu(),
                 image_size=tuple(int(v) for v in captured["image_shapes"][i]),
                 original_size=(int(images[i].shape[-2]), int(images[i].shape[-1]))))
-        batch.clear()
 
+    hooks = [model.roi_heads.register_forward_pre_hook(keep_inputs),
+             model.roi_heads.box_predictor.register_forward_hook(keep_outputs)]
     try:
-        with cached_trunk(model, trunk_cache, for_training=False):
-            for row in rows:
-                batch.append(row)
-                if len(batch) == batch_size:
-                    flush()
-            if batch:
-                flush()
+        run_over_rows(model, rows, keep, batch_size, device=device, precision=precision,
+                      trunk_cache=trunk_cache)
     finally:
         for h in hooks:
             h.remove()
@@ -124,10 +109,7 @@ def detections_with_offset(model: nn.Module, stages: Sequence[SecondStage], firs
             logits, st.box_regression, [st.proposals], [st.image_size])
         det = model.transform.postprocess([{"boxes": boxes[0], "scores": scores[0], "labels": labels[0]}],
                                           [st.image_size], [st.original_size])[0]
-        for (x1, y1, x2, y2), label, score in zip(det["boxes"].tolist(), det["labels"].tolist(),
-                                                  det["scores"].tolist()):
-            results.append({"image_id": st.image_id, "category_id": int(label_to_category[label - 1]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+        results.extend(coco_results(st.image_id, det, label_to_category))
     return results
 
 

@@ -12,7 +12,7 @@ import contextlib
 import io
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,53 @@ def harmonic_mean(a: float, b: float) -> float:
 
 
 @torch.no_grad()
+def run_over_rows(
+    model: nn.Module,
+    rows: Iterable[Mapping],
+    on_batch: Callable[[list[Mapping], list[torch.Tensor], list[dict]], None],
+    batch_size: int = 8,
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    trunk_cache: TrunkCache | None = None,
+) -> None:
+    """Run the detector in eval mode over catalog rows, ``batch_size`` at a time, on ``device``
+    (default: CUDA when available, else the CPU; the model is moved there) at ``precision``
+    (autocast for bf16/fp16); ``on_batch(rows, images, outputs)`` sees each batch. Images are
+    decoded to uint8 on the host and become float on the device. ``trunk_cache``: reuse the
+    backbone features and proposals another model with the same trunk computed on these
+    images (:mod:`fewshot.model.trunk_cache`)."""
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    model.to(device).eval()
+    batch: list[Mapping] = []
+
+    def flush():
+        images, _ = move_batch([decode_row_image_uint8(r["image"]) for r in batch], None, device)
+        with autocast(device, precision):
+            outputs = model(images)
+        on_batch(list(batch), images, outputs)
+        batch.clear()
+
+    with cached_trunk(model, trunk_cache, for_training=False):
+        for row in rows:
+            batch.append(row)
+            if len(batch) == batch_size:
+                flush()
+        if batch:
+            flush()
+
+
+def coco_results(image_id: int, det: Mapping[str, torch.Tensor], label_to_category: Sequence[int]) -> list[dict]:
+    """One image's detections (torchvision's boxes/labels/scores) as COCO result dicts
+    (category ids, xywh boxes)."""
+    det = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()}
+    return [{"image_id": int(image_id), "category_id": int(label_to_category[label - 1]),
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+            for (x1, y1, x2, y2), label, score in zip(det["boxes"].tolist(), det["labels"].tolist(),
+                                                      det["scores"].tolist())]
+
+
 def predict_rows(
     model: nn.Module,
     rows: Iterable[Mapping],
@@ -61,41 +108,16 @@ def predict_rows(
     precision: str = "fp32",
     trunk_cache: TrunkCache | None = None,
 ) -> list[dict]:
-    """Run the detector over catalog rows on ``device`` (default: CUDA when available, else the
-    CPU; the model is moved there) at ``precision`` (autocast for bf16/fp16: evaluate a
-    version in the precision it was validated with); COCO result dicts (category ids, xywh
-    boxes). Images are decoded to uint8 on the host and become float on the device.
-    ``trunk_cache``: reuse the backbone features and proposals another model with the same
-    trunk computed on these images (:mod:`fewshot.model.trunk_cache`)."""
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    model.to(device).eval()
+    """COCO result dicts of the detector over catalog rows (see :func:`run_over_rows` for
+    ``device``, ``precision`` and ``trunk_cache``: evaluate a version in the precision it was
+    validated with)."""
     results: list[dict] = []
-    batch: list[Mapping] = []
 
-    def flush():
-        images, _ = move_batch([decode_row_image_uint8(r["image"]) for r in batch], None, device)
-        with autocast(device, precision):
-            outputs = model(images)
+    def keep(batch, _images, outputs):
         for row, out in zip(batch, outputs):
-            out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
-            boxes = out["boxes"].tolist()
-            for (x1, y1, x2, y2), label, score in zip(boxes, out["labels"].tolist(), out["scores"].tolist()):
-                results.append({
-                    "image_id": int(row["image_id"]),
-                    "category_id": int(label_to_category[label - 1]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "score": float(score),
-                })
-        batch.clear()
+            results.extend(coco_results(row["image_id"], out, label_to_category))
 
-    with cached_trunk(model, trunk_cache, for_training=False):
-        for row in rows:
-            batch.append(row)
-            if len(batch) == batch_size:
-                flush()
-        if batch:
-            flush()
+    run_over_rows(model, rows, keep, batch_size, device=device, precision=precision, trunk_cache=trunk_cache)
     return results
 
 
