@@ -204,6 +204,9 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     assert "incomplete" not in v2.tags  # the promotion actor removed it with the alias move
     mv = client.get_model_version(MODEL, "2")
     assert mv.description.startswith("Adds ") and "Gate passed on 8 val images" in mv.description
+    logged = {a.path for a in client.list_artifacts(mv.run_id, "bias_correction")}
+    assert logged == {"bias_correction/offset.png", "bias_correction/selection.json"}
+    assert client.get_run(mv.run_id).data.metrics["bias_correction_offset"] == offset
 
 
 def _served_version(url: str) -> int:

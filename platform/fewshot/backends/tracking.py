@@ -69,3 +69,27 @@ def log_refinement(refiner) -> dict[str, str]:
     plt.close(fig)
     return {"refine_fusion_weight": f"{refiner.fusion_weight:g}", "refine_teacher": refiner.teacher_id,
             "refine_objective": str(refiner.selection.get("objective", ""))}
+
+
+def log_bias_correction(choice) -> dict[str, str]:
+    """The new rows' logit offset the bias correction chose
+    (:class:`fewshot.learning.bias_correction.BiasChoice`): every offset's val figures as
+    metrics (step = position in the grid), JSON and a plot, in the active run; returns the
+    version tags that record it."""
+    import matplotlib.pyplot as plt
+
+    from fewshot.metrics.plots import bias_correction_figure
+
+    for i, row in enumerate(choice.table):
+        log_metrics({f"bias_correction/val_{k}": row[k] for k in ("bAP50", "nAP50", "HM50")}, step=i)
+    mlflow.log_metric("bias_correction_offset", choice.offset)
+    mlflow.log_dict({"offsets": choice.table, "chosen": choice.offset, "met": choice.met,
+                     "parent_val_bAP50": choice.parent_bAP50, "max_base_drop": choice.max_base_drop},
+                    "bias_correction/selection.json")
+    fig = bias_correction_figure(choice.table, choice.parent_bAP50, choice.max_base_drop, choice.offset)
+    mlflow.log_figure(fig, "bias_correction/offset.png")
+    plt.close(fig)
+    tags = {"bias_correction_offset": f"{choice.offset:g}", "bias_correction_met": str(choice.met).lower(),
+            "bias_correction_max_drop": f"{choice.max_base_drop:g}"}
+    set_tags(tags)
+    return tags

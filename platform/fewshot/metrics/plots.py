@@ -1,4 +1,5 @@
-"""Figures a person would rather look at than read: per-class AP, training curves."""
+"""Figures a person would rather look at than read: per-class AP, the grids the jobs choose
+from (CLIP fusion weight, bias correction), the ablation."""
 from __future__ import annotations
 
 import matplotlib
@@ -44,6 +45,26 @@ def fusion_weight_figure(selection: dict):
     ax.set_xlabel("fusion weight λ (0: detector only)")
     ax.set_ylabel(f"{selection.get('split', 'val')} AP")
     ax.set_title(f"CLIP refinement: λ chosen by {selection.get('objective', '?')}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def bias_correction_figure(table: list[dict], parent_bAP50: float, max_base_drop: float, chosen: float):
+    """Val bAP50 and nAP50 against the new rows' logit offset (the bias correction's grid), with
+    the parent's bAP50 and the lowest base AP50 the rule accepts."""
+    offsets = [row["offset"] for row in table]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key in ("bAP50", "nAP50"):
+        ax.plot(offsets, [row[key] for row in table], marker="o", label=f"child {key}")
+    ax.axhline(parent_bAP50, color="tab:blue", linestyle=":", label="parent bAP50")
+    ax.axhline(parent_bAP50 - max_base_drop, color="gray", linestyle=":", lw=0.8,
+               label=f"parent − {max_base_drop:g}")
+    ax.axvline(chosen, color="black", linestyle="--", label=f"chosen offset {chosen:g}")
+    ax.set_xlabel("logit offset of the new rows (0: no correction)")
+    ax.set_ylabel("val AP50")
+    ax.set_title("Bias correction of the new rows, chosen on val")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

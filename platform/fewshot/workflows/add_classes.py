@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import tempfile
 from dataclasses import dataclass, field
 from dataclasses import replace as dc_replace
@@ -555,8 +554,8 @@ def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, pa
                       ) -> tuple[DetectorCheckpoint, dict[str, str], list[dict]]:
     """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`), write
     it into the checkpoint at ``path``, log the choice; returns the corrected checkpoint, the
-    version tags that record it and its val detections. Runs where the driver evaluates (its GPU with --gpu when
-    it has one, else the CPU)."""
+    version tags that record it and its val detections. Runs where the driver evaluates (its
+    GPU with --gpu when it has one, else the CPU)."""
     opts = plan.opts
     model = child_ckpt.build_model()
     print(f"choosing the new classes' logit offset on {len(plan.val.rows)} val images "
@@ -565,15 +564,7 @@ def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, pa
                                 device=opts.cluster.device(), precision=precision, trunk_cache=trunk_cache)
     save_checkpoint(path, model, child_ckpt.config, child_ckpt.classes, child_ckpt.category_ids,
                     child_ckpt.dataset, child_ckpt.class_set, child_ckpt.extra)
-    for i, row in enumerate(choice.table):
-        tracking.log_metrics({f"bias_correction/val_{k}": row[k] for k in ("bAP50", "nAP50", "HM50")
-                              if not math.isnan(row[k])}, step=i)
-    tracking.log_dict({"offsets": choice.table, "chosen": choice.offset, "met": choice.met,
-                       "parent_val_bAP50": parent_bAP50, "max_base_drop": opts.bias_correction},
-                      "bias_correction.json")
-    tags = {"bias_correction_offset": f"{choice.offset:g}", "bias_correction_met": str(choice.met).lower(),
-            "bias_correction_max_drop": f"{opts.bias_correction:g}"}
-    tracking.set_tags(tags)
+    tags = tracking.log_bias_correction(choice)
     row = next(r for r in choice.table if r["offset"] == choice.offset)
     print(f"new rows' logit offset {choice.offset:g}: val bAP50 {row['bAP50']:.4f} nAP50 {row['nAP50']:.4f}"
           + ("" if choice.met else f" (no offset tried keeps base AP50 within {opts.bias_correction:g})"),
