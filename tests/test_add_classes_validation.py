@@ -81,6 +81,14 @@ def test_a_method_that_would_do_nothing_is_refused(method, expected, tiny_catalo
     assert _registry_state(mlflow_uri) == before
 
 
+@pytest.mark.parametrize("drop", [-0.01, 1.0, 5.0])
+def test_a_bias_correction_outside_0_to_1_is_refused(drop, tiny_catalog, mlflow_uri, champion):
+    before = _registry_state(mlflow_uri)
+    with pytest.raises(AddClassesError, match="--bias-correction is a drop of base AP50"):
+        validate(_opts(tiny_catalog, mlflow_uri, list(champion["split"].novel[:1]), bias_correction=drop))
+    assert _registry_state(mlflow_uri) == before
+
+
 def test_the_plan_carries_what_validation_read(tiny_catalog, mlflow_uri, champion):
     novel = list(champion["split"].novel[:2])
     plan = validate(_opts(tiny_catalog, mlflow_uri, novel))
