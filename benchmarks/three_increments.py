@@ -263,6 +263,11 @@ def paired_drops(off: list[dict], on: list[dict]) -> str:
         d_new = mean_ci95(b["steps"][k][group] - a["steps"][k][group] for a, b in pairs).format()
         offsets = " / ".join(f"{b['steps'][k].get('offset', float('nan')):g}" for _, b in pairs)
         lines.append(f"| {pairs[0][0]['steps'][k]['step']} | {d_drop} | {d_new} | {offsets} |")
+    last = len(pairs[0][0]["steps"]) - 1
+    total = mean_ci95((b["steps"][0]["base"] - b["steps"][last]["base"])
+                      - (a["steps"][0]["base"] - a["steps"][last]["base"]) for a, b in pairs).format()
+    seen = mean_ci95(b["steps"][last]["all_seen"] - a["steps"][last]["all_seen"] for a, b in pairs).format()
+    lines.append(f"| all increments | {total} | all seen classes after the last: {seen} | - |")
     return f"paired over seed(s) {', '.join(str(a['seed']) for a, _ in pairs)}:\n\n" + "\n".join(lines)
 
 
