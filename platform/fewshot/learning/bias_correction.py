@@ -49,6 +49,8 @@ class SecondStage:
 
 @dataclass
 class BiasChoice:
+    """The offset chosen, what it was judged against, and every offset's figures."""
+
     offset: float
     parent_bAP50: float
     max_base_drop: float
