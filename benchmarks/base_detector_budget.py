@@ -45,6 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="flip: random horizontal flips (fewshot.model.batches); v2: fewshot.model.augment's "
                         "torchvision.transforms.v2 recipe")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default=None,
+                   help="where to train and evaluate (default: CUDA when this process sees a GPU, else the CPU); "
+                        "on CUDA the training runs in bf16 (--precision auto), the evaluation in fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-test-images", type=int, default=300)
     p.add_argument("--json-out", default="", help="append the result as one JSON line to this file")
@@ -64,10 +67,11 @@ def diagnose(model, rows, index) -> dict:
     from fewshot.model.batches import decode_row_image, row_to_target
 
     model.eval()
+    device = next(model.parameters()).device
     hits50 = hits70 = correct = total = 0
     for row in rows:
-        image = decode_row_image(row["image"])
-        target = row_to_target(row, index)
+        image = decode_row_image(row["image"]).to(device)
+        target = {k: v.to(device) for k, v in row_to_target(row, index).items()}
         if not len(target["boxes"]):
             continue
         images, _ = model.transform([image])
@@ -75,8 +79,8 @@ def diagnose(model, rows, index) -> dict:
         proposals, _ = model.rpn(images, features)
         h, w = images.image_sizes[0]
         sy, sx = h / image.shape[-2], w / image.shape[-1]
-        gt = target["boxes"] * torch.tensor([sx, sy, sx, sy])
-        iou = box_iou(gt, proposals[0]).max(dim=1).values if len(proposals[0]) else torch.zeros(len(gt))
+        gt = target["boxes"] * torch.tensor([sx, sy, sx, sy], device=device)
+        iou = box_iou(gt, proposals[0]).max(dim=1).values if len(proposals[0]) else torch.zeros(len(gt), device=device)
         hits50 += int((iou >= 0.5).sum())
         hits70 += int((iou >= 0.7).sum())
         heads = model.roi_heads
@@ -107,8 +111,11 @@ def main(args: argparse.Namespace) -> dict:
     from fewshot.metrics.coco_eval import load_eval_split, predict_rows
     from fewshot.learning.loop import TrainConfig, make_optimizer, train
 
+    from fewshot.model.devices import resolve_device, resolve_precision
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
     catalog = Catalog(args.catalog)
     manifest = build_world(catalog, progress=False, workers=1)
     classes = list(manifest.class_split(args.class_split).base)
@@ -132,7 +139,7 @@ def main(args: argparse.Namespace) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     if not args.steps:
         train(model, batches, cfg.__class__(**{**cfg.to_dict(), "steps": args.calibrate_steps}),
-              progress=False, optimizer=optimizer)
+              progress=False, optimizer=optimizer, device=device)
         per_step = (time.process_time() - c0) / args.calibrate_steps
         steps = max(args.calibrate_steps + 1, int(args.budget_s / per_step))
         cfg = cfg.__class__(**{**cfg.to_dict(), "steps": steps})
@@ -156,7 +163,8 @@ def main(args: argparse.Namespace) -> dict:
               f"{time.perf_counter() - t0:.0f} wall s)", flush=True)
 
     try:
-        train(model, timed(batches), cfg, on_log=log, progress=False, start_step=start, optimizer=optimizer)
+        train(model, timed(batches), cfg, on_log=log, progress=False, start_step=start, optimizer=optimizer,
+              device=device)
     except (StopIteration, RuntimeError) as e:  # the hard stop ends the batch iterator
         if "StopIteration" not in repr(e) and not isinstance(e, StopIteration):
             raise
@@ -165,7 +173,7 @@ def main(args: argparse.Namespace) -> dict:
 
     t1 = time.perf_counter()
     split = load_eval_split(catalog, manifest.name, "test", classes, max_images=args.max_test_images)
-    results = predict_rows(model, split.rows, category_ids)
+    results = predict_rows(model, split.rows, category_ids, device=device)
     report = split.evaluate(results)
     eval_s = time.perf_counter() - t1
     diag = diagnose(model, split.rows[: args.diagnose_images], index) if args.diagnose_images else {}
@@ -175,7 +183,8 @@ def main(args: argparse.Namespace) -> dict:
         save_checkpoint(args.save, model, config, classes, category_ids, manifest.name, "benchmark")
     out = {
         "preset": args.preset, "overrides": args.override, "augment": args.augment, "seed": args.seed,
-        "threads": args.threads, "budget_s": args.budget_s, "steps_planned": steps,
+        "threads": args.threads, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "train_precision": resolve_precision("auto", device), "budget_s": args.budget_s, "steps_planned": steps,
         "steps_done": done["steps"], "batch_size": args.batch_size, "lr": args.lr,
         "train_cpu_s": round(train_cpu_s, 1), "train_wall_s": round(train_s, 1),
         "cpu_s_per_step": round(train_cpu_s / max(1, done["steps"]), 3),
