@@ -130,8 +130,7 @@ def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Se
                        parent_bAP50: float, max_base_drop: float,
                        offsets: Sequence[float] = DEFAULT_OFFSETS, *,
                        device: str | torch.device | None = None, precision: str = "fp32",
-                       trunk_cache: TrunkCache | None = None,
-                       stages: Sequence[SecondStage] | None = None) -> BiasChoice:
+                       trunk_cache: TrunkCache | None = None) -> BiasChoice:
     """Choose the newest rows' logit offset on ``split`` (see the module docstring), set it on
     ``model``'s classifier and return the choice with the figures of every offset tried."""
     if not offsets:
@@ -143,9 +142,7 @@ def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Se
     if first_new <= 1 or classifier.weight_new.shape[0] == 0:
         raise ValueError("bias correction needs old classes and new rows (a model fresh from expand_detector)")
     classifier.set_new_bias(0.0)
-    if stages is None:
-        stages = collect_second_stage(model, split.rows, device=device, precision=precision,
-                                      trunk_cache=trunk_cache)
+    stages = collect_second_stage(model, split.rows, device=device, precision=precision, trunk_cache=trunk_cache)
     detections = {float(o): detections_with_offset(model, stages, first_new, float(o), label_to_category)
                   for o in offsets}
     reports = {o: split.evaluate(results) for o, results in detections.items()}
