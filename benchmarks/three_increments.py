@@ -58,8 +58,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default="local",
                    help="the jobs' Ray cluster (RAY_ADDRESS): 'local' starts a private one per job, so a "
                         "cluster already running on this machine is left alone; or a cluster address")
-    p.add_argument("--bias-correction", default="off",
-                   help="comma-separated variants of add_classes' --bias-correction: 'off' or a base AP50 drop "
+    p.add_argument("--bias-correction", default="0.01",
+                   help="comma-separated variants of add_classes' --bias-correction: 'off' (None there) or a base "
+                        "AP50 drop, 0.01 being add_classes' default "
                         "(e.g. off,0.01); every variant's increments start from the same base model of the seed "
                         "(a copy registered under the variant's model name), so the variants are paired")
     p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
@@ -168,7 +169,7 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
             "--dataset", manifest.name, "--classes", ",".join(groups[0]), "--preset", args.preset,
             "--steps", str(args.base_steps), "--num-workers", str(args.num_workers), "--seed", str(seed)], env)
     steps.append({"step": "base", "gate": "-", **score_champion(catalog, uri, model, groups, args.test_images)})
-    correction = [] if variant == "off" else ["--bias-correction", variant]
+    correction = ["--bias-correction", "None" if variant == "off" else variant]
     for i, group in enumerate(groups[1:], start=1):
         run(job("add_classes") + common + [
             "--classes", ",".join(group), "--shots", str(args.shots), "--steps", str(args.add_steps),

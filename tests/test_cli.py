@@ -46,6 +46,15 @@ def test_config_file_gives_defaults_and_flags_win(tmp_path):
     assert opts.method.balancer == "gradnorm" and opts.method.freeze == "backbone"
 
 
+def test_bias_correction_is_on_by_default_and_none_turns_it_off(tmp_path):
+    assert parse(AddClassesOptions, ["--classes", "gear"]).bias_correction == 0.01
+    assert parse(AddClassesOptions, ["--classes", "gear", "--bias-correction", "0.02"]).bias_correction == 0.02
+    assert parse(AddClassesOptions, ["--classes", "gear", "--bias-correction", "None"]).bias_correction is None
+    cfg = tmp_path / "off.yaml"
+    cfg.write_text("classes: gear\nbias-correction: null\n")
+    assert parse(AddClassesOptions, ["--config-file", str(cfg)]).bias_correction is None
+
+
 @pytest.mark.parametrize("text, message", [
     ("shotz: 3\n", "unknown option"), ("train: {lrr: 1}\n", "unknown option"), ("- 1\n", "expected a mapping"),
     ("shots: [\n", "not valid YAML"), ("train: 3\n", "is a group of options"),

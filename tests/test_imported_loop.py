@@ -42,9 +42,10 @@ def test_base_then_add_classes_on_imported_voc(tmp_path, mlflow_uri, local_ray):
         classes=("Platelets",), shots=2, store=store,
         train=TrainConfig(steps=4, batch_size=2, warmup_steps=1, log_every=2),
         cluster=ClusterOptions(cpus_per_worker=1), max_val_images=10, max_test_images=10,
-        max_base_drop=1.0, max_detector_drop=1.0))
+        max_base_drop=1.0, max_detector_drop=1.0, bias_correction=None))  # the correction off
     child = registry.get_version(mlflow_uri, MODEL, result.version.version)
     assert child.version == 2 and child.parent_version == 1
     assert child.classes == ["RBC", "WBC", "Platelets"]
     assert child.tags["new_classes"] == "Platelets" and child.tags["dataset"] == "bccd"
+    assert "bias_correction_offset" not in child.tags and "bias_correction" not in result.timings
     assert registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION).version == 2

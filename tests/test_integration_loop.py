@@ -143,7 +143,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
                                "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0", "--max-detector-drop", "1.0",
                                "--cpus-per-worker", "1", "--freeze", "backbone", "--balancer", "pgb",
                                "--teacher", tiny_teacher_spec, "--distill-beta", "0.5",
-                               "--max-val-images", "8", "--bias-correction", "0.01", *common])
+                               "--max-val-images", "8", *common])  # bias correction: on by default (0.01)
         assert "as 'champion'" in out
         deadline = time.time() + 120
         while time.time() < deadline and 2 not in versions:

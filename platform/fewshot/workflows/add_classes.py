@@ -82,11 +82,11 @@ class AddClassesOptions:
     max_detector_drop: float = 0.05
     """Gate: the largest drop of base-class AP50 on val allowed for the detector alone
     (unrefined), so a refiner cannot hide a detector that forgot the old classes."""
-    bias_correction: float | None = None
-    """Bias correction (BiC) of the new classes' logits, off by default: after fine-tuning,
-    choose on val the smallest negative offset of the new rows' logits that keeps the
-    detector's base AP50 within this much of the parent's (e.g. 0.01 for one point); the
-    offset travels in the checkpoint. The choice and every offset's val figures go to MLflow."""
+    bias_correction: float | None = 0.01
+    """Bias correction (BiC) of the new classes' logits: after fine-tuning, choose on val the
+    smallest negative offset of the new rows' logits that keeps the detector's base AP50 within
+    this much of the parent's (0.01: one point); the offset travels in the checkpoint. The
+    choice and every offset's val figures go to MLflow. None turns it off."""
     tuned_config: str | None = None
     """'best': the configuration jobs/tune.py stored for --model-name (balancer, momentum, beta,
     lr, steps and the freeze policy it was tuned under override the flags); or a JSON file with
