@@ -142,3 +142,66 @@ def test_the_rule_takes_the_smallest_correction_within_the_drop_else_the_best_ba
     assert choose_offset(reports, parent_bAP50=0.70, max_base_drop=0.01) == (-4.0, False)
     tie = {0.0: _report(0.4), -1.0: _report(0.5), -3.0: _report(0.5)}
     assert choose_offset(tie, parent_bAP50=0.9, max_base_drop=0.01) == (-1.0, False)
+
+
+def test_as_served_the_rule_skips_offsets_the_detector_rule_refuses_and_asks_served_lazily():
+    # detector bAP50 per offset; the parent scores 0.60 alone and 0.62 as served
+    reports = {0.0: _report(0.50), -1.0: _report(0.56), -2.0: _report(0.58), -4.0: _report(0.59)}
+    served = {0.0: 0.60, -1.0: 0.62, -2.0: 0.63, -4.0: 0.65}
+    asked: list[float] = []
+
+    def served_at(offset):
+        asked.append(offset)
+        return served[offset]
+
+    # 0.0 fails the detector's 5 points (0.50 < 0.55), -1.0 passes both: the served rule needs no more
+    assert choose_offset(reports, 0.60, 0.01, served_bAP50=served_at, parent_served_bAP50=0.62,
+                         max_detector_drop=0.05) == (-1.0, True)
+    assert asked == [-1.0]
+    # as served, one point is stricter than the refiner gives at -1 and -2: -4 is the smallest that meets it
+    asked.clear()
+    assert choose_offset(reports, 0.60, 0.01, served_bAP50=served_at, parent_served_bAP50=0.655,
+                         max_detector_drop=0.05) == (-4.0, True)
+    assert asked == [-1.0, -2.0, -4.0]
+    # a detector allowance wide enough lets the uncorrected child through
+    assert choose_offset(reports, 0.60, 0.01, served_bAP50=served_at, parent_served_bAP50=0.60,
+                         max_detector_drop=0.10) == (0.0, True)
+    # nothing meets it: the best detector bAP50, as without refinement
+    assert choose_offset(reports, 0.60, 0.01, served_bAP50=served_at, parent_served_bAP50=0.80,
+                         max_detector_drop=0.05) == (-4.0, False)
+    with pytest.raises(ValueError, match="parent_served_bAP50"):
+        choose_offset(reports, 0.60, 0.01, served_bAP50=served_at)
+
+
+def test_fit_judged_as_served_passes_each_offset_s_detections_and_records_what_it_asked(tiny_catalog, episode):
+    parent, child, novel = episode
+    split = load_eval_split(tiny_catalog, "synthworld", "test", parent.classes, novel, max_images=6)
+    parent_b = split.evaluate(predict_rows(_model(parent), split.rows, parent.category_ids)).bAP50
+    model = _model(child)
+    stages = collect_second_stage(model, split.rows)
+    first_new = len(parent.classes) + 1
+    seen: dict[float, list[dict]] = {}
+
+    def served(offset, results):  # a stand-in refiner that serves the detector's own figure
+        seen[offset] = results
+        return split.evaluate(results).bAP50
+
+    # a detector allowance of 1.0 lets every offset through: the first asked (0.0) is within 0
+    # of "the parent as served" when that is set to the child's own figure at 0.0
+    at0 = split.evaluate(detections_with_offset(model, stages, first_new, 0.0, child.category_ids)).bAP50
+    choice = fit_new_row_offset(model, split, child.category_ids, parent_b, max_base_drop=0.0,
+                                offsets=(0.0, -2.0, -60.0), served_bAP50=served,
+                                parent_served_bAP50=at0, max_detector_drop=1.0)
+    assert (choice.offset, choice.met, choice.judged) == (0.0, True, "served")
+    assert list(seen) == [0.0]
+    want = detections_with_offset(model, stages, first_new, 0.0, child.category_ids)
+    assert [(r["image_id"], r["category_id"], r["score"]) for r in seen[0.0]] == \
+        [(r["image_id"], r["category_id"], r["score"]) for r in want]
+    rows = {row["offset"]: row for row in choice.table}
+    assert rows[0.0]["served_bAP50"] == pytest.approx(at0) and "served_bAP50" not in rows[-2.0]
+    assert (choice.parent_served_bAP50, choice.max_detector_drop) == (at0, 1.0)
+    # unrefined, the same call judges the detector alone and records no served figures
+    plain = fit_new_row_offset(_model(child), split, child.category_ids, parent_b, max_base_drop=0.0,
+                               offsets=(0.0, -2.0, -60.0))
+    assert plain.judged == "detector" and plain.parent_served_bAP50 is None
+    assert all("served_bAP50" not in row for row in plain.table)

@@ -153,7 +153,8 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
         sender.join(timeout=60)
 
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
-    assert "embedding" in out and "choosing the CLIP fusion weight on 8 val images" in out
+    # the fusion weight was chosen on val per offset the bias correction asked about (judged as served)
+    assert "embedding" in out and "val base AP50 as served" in out and "(fusion weight " in out
     assert versions == {1, 2}, versions
 
     classes = requests.get(f"{url}/v1/classes", timeout=10).json()
@@ -193,13 +194,19 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     assert figures["child_refined"] is True and figures["parent_refined"] is False
     assert {"served_change", "unrefined_change"} <= set(figures)
     assert "on val" in v2.tags["gate_rule"] and v2.tags["gate"] == "passed"
-    # bias correction chose the new rows' offset on the same val images; the gate scored the
-    # corrected detector, so a choice that met the 1-point limit shows in the gate's figures
+    # bias correction chose the new rows' offset on the same val images, judged as served (the
+    # version is refined); the gate scored the corrected detector with the refiner fitted for that
+    # offset, so a choice that met the rule shows in the gate's figures
     offset = float(v2.tags["bias_correction_offset"])
     assert offset <= 0.0 and f"new rows' logit offset {offset:g}" in out
+    assert v2.tags["bias_correction_judged"] == "served" and "as served with CLIP refinement" in out
     assert v2.tags["bias_correction_met"] in ("true", "false")
+    selection = client.download_artifacts(client.get_model_version(MODEL, "2").run_id,
+                                          "bias_correction/selection.json")
+    chosen = next(r for r in json.load(open(selection))["offsets"] if r["offset"] == offset)
     if v2.tags["bias_correction_met"] == "true":
-        assert figures["unrefined_change"] >= -0.01 - 1e-9, figures
+        assert figures["served_change"] >= -0.01 - 1e-9 and figures["unrefined_change"] >= -1.0 - 1e-9, figures
+        assert chosen["served_bAP50"] == pytest.approx(figures["child_served"], abs=1e-6)
     assert v2.tags["report_split"] == "test" and v2.tags["promotion"] == "champion"
     assert "incomplete" not in v2.tags  # the promotion actor removed it with the alias move
     mv = client.get_model_version(MODEL, "2")

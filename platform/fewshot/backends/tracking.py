@@ -81,15 +81,20 @@ def log_bias_correction(choice) -> dict[str, str]:
     from fewshot.metrics.plots import bias_correction_figure
 
     for i, row in enumerate(choice.table):
-        log_metrics({f"bias_correction/val_{k}": row[k] for k in ("bAP50", "nAP50", "HM50")}, step=i)
+        log_metrics({f"bias_correction/val_{k}": row[k] for k in ("bAP50", "nAP50", "HM50", "served_bAP50")
+                     if k in row}, step=i)
     mlflow.log_metric("bias_correction_offset", choice.offset)
-    mlflow.log_dict({"offsets": choice.table, "chosen": choice.offset, "met": choice.met,
-                     "parent_val_bAP50": choice.parent_bAP50, "max_base_drop": choice.max_base_drop},
+    mlflow.log_dict({"offsets": choice.table, "chosen": choice.offset, "met": choice.met, "judged": choice.judged,
+                     "parent_val_bAP50": choice.parent_bAP50, "max_base_drop": choice.max_base_drop,
+                     "parent_val_served_bAP50": choice.parent_served_bAP50,
+                     "max_detector_drop": choice.max_detector_drop},
                     "bias_correction/selection.json")
-    fig = bias_correction_figure(choice.table, choice.parent_bAP50, choice.max_base_drop, choice.offset)
+    fig = bias_correction_figure(choice.table, choice.parent_bAP50, choice.max_base_drop, choice.offset,
+                                 parent_served_bAP50=choice.parent_served_bAP50,
+                                 max_detector_drop=choice.max_detector_drop)
     mlflow.log_figure(fig, "bias_correction/offset.png")
     plt.close(fig)
     tags = {"bias_correction_offset": f"{choice.offset:g}", "bias_correction_met": str(choice.met).lower(),
-            "bias_correction_max_drop": f"{choice.max_base_drop:g}"}
+            "bias_correction_max_drop": f"{choice.max_base_drop:g}", "bias_correction_judged": choice.judged}
     set_tags(tags)
     return tags

@@ -51,16 +51,27 @@ def fusion_weight_figure(selection: dict):
     return fig
 
 
-def bias_correction_figure(table: list[dict], parent_bAP50: float, max_base_drop: float, chosen: float):
+def bias_correction_figure(table: list[dict], parent_bAP50: float, max_base_drop: float, chosen: float, *,
+                           parent_served_bAP50: float | None = None, max_detector_drop: float | None = None):
     """Val bAP50 and nAP50 against the new rows' logit offset (the bias correction's grid), with
-    the parent's bAP50 and the lowest base AP50 the rule accepts."""
+    the parent's bAP50 and the lowest base AP50 the rule accepts; when the rule was judged as
+    served (refined), the served bAP50 of the offsets tried and the parent's as served too."""
     offsets = [row["offset"] for row in table]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for key in ("bAP50", "nAP50"):
-        ax.plot(offsets, [row[key] for row in table], marker="o", label=f"child {key}")
+        ax.plot(offsets, [row[key] for row in table], marker="o", label=f"child {key} (detector)")
+    served = [row for row in table if "served_bAP50" in row]
     ax.axhline(parent_bAP50, color="tab:blue", linestyle=":", label="parent bAP50")
-    ax.axhline(parent_bAP50 - max_base_drop, color="gray", linestyle=":", lw=0.8,
-               label=f"parent − {max_base_drop:g}")
+    if parent_served_bAP50 is not None and max_detector_drop is not None:
+        ax.plot([r["offset"] for r in served], [r["served_bAP50"] for r in served], marker="s",
+                linestyle="none", color="tab:green", label="child bAP50 as served")
+        ax.axhline(parent_served_bAP50 - max_base_drop, color="tab:green", linestyle=":", lw=0.8,
+                   label=f"parent as served − {max_base_drop:g}")
+        ax.axhline(parent_bAP50 - max_detector_drop, color="gray", linestyle=":", lw=0.8,
+                   label=f"parent − {max_detector_drop:g} (detector)")
+    else:
+        ax.axhline(parent_bAP50 - max_base_drop, color="gray", linestyle=":", lw=0.8,
+                   label=f"parent − {max_base_drop:g}")
     ax.axvline(chosen, color="black", linestyle="--", label=f"chosen offset {chosen:g}")
     ax.set_xlabel("logit offset of the new rows (0: no correction)")
     ax.set_ylabel("val AP50")

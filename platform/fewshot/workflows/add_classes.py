@@ -50,7 +50,7 @@ from fewshot.learning.episode import Episode, expand_parent, refine_checkpoint_f
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodConfig, MethodOptions, TeacherEmbedder
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, load_eval_split
-from fewshot.model.checkpoint import DetectorCheckpoint, load_checkpoint, save_checkpoint
+from fewshot.model.checkpoint import DetectorCheckpoint, load_checkpoint, save_checkpoint, update_extra
 from fewshot.workflows.faults import kill_point
 from fewshot.workflows.gate import GateFigures, GateRule, describe_version
 from fewshot.workflows.options import Flat, NameList, StoreOptions
@@ -84,9 +84,11 @@ class AddClassesOptions:
     (unrefined), so a refiner cannot hide a detector that forgot the old classes."""
     bias_correction: float | None = 0.01
     """Bias correction (BiC) of the new classes' logits: after fine-tuning, choose on val the
-    smallest negative offset of the new rows' logits that keeps the detector's base AP50 within
-    this much of the parent's (0.01: one point); the offset travels in the checkpoint. The
-    choice and every offset's val figures go to MLflow. None turns it off."""
+    smallest negative offset of the new rows' logits that keeps the base AP50 within this much
+    of the parent's (0.01: one point): the detector's, or with a --teacher that refines, the
+    version's as served while the detector alone stays within --max-detector-drop; the offset
+    travels in the checkpoint. The choice and every offset's val figures go to MLflow. None
+    turns it off."""
     tuned_config: str | None = None
     """'best': the configuration jobs/tune.py stored for --model-name (balancer, momentum, beta,
     lr, steps and the freeze policy it was tuned under override the flags); or a JSON file with
@@ -441,21 +443,25 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         parent_val = None
         bias_tags: dict[str, str] = {}
         child_val_results = None
+        refiner = None
         if opts.bias_correction is not None:
             with clock("evaluate"):
                 parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster,
                                          eval_cache)
             with clock("bias_correction"):
-                # the grid's detections at the chosen offset are the corrected child's on val
-                child_ckpt, bias_tags, child_val_results = _correct_new_bias(
-                    final, child_ckpt, plan, parent_val.unrefined.bAP50, precision, eval_cache)
+                # the grid's detections at the chosen offset are the corrected child's on val; when
+                # refining, the rule is judged as served and the chosen offset's refiner is kept
+                child_ckpt, bias_tags, child_val_results, refiner = _correct_new_bias(
+                    final, child_ckpt, plan, parent_val, precision, eval_cache)
         if child_val_results is None:
             with clock("evaluate"):
                 child_val_results = predict_on(opts.cluster, child_ckpt, plan.val, precision, eval_cache)
-        refiner = None
         if plan.refine:
             with clock("refine_fit"):
-                refiner = refine_checkpoint_file(final, plan.teacher, plan.val, child_val_results)
+                if refiner is None:
+                    refiner = refine_checkpoint_file(final, plan.teacher, plan.val, child_val_results)
+                else:
+                    update_extra(final, refiner.to_extra())
                 child_ckpt = load_checkpoint(final)
         refine_tags = tracking.log_refinement(refiner) if refiner is not None else {}
 
@@ -549,27 +555,49 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                             precision=precision)
 
 
-def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_bAP50: float,
-                      precision: str, trunk_cache: TrunkCache | None
-                      ) -> tuple[DetectorCheckpoint, dict[str, str], list[dict]]:
+def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_val: "_Scores",
+                      precision: str, trunk_cache: TrunkCache | None):
     """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`), write
     it into the checkpoint at ``path``, log the choice; returns the corrected checkpoint, the
-    version tags that record it and its val detections. Runs where the driver evaluates (its
-    GPU with --gpu when it has one, else the CPU)."""
+    version tags that record it, its val detections and, when the version will be refined, the
+    refiner fitted on those detections (the rule is then judged as served). Runs where the
+    driver evaluates (its GPU with --gpu when it has one, else the CPU)."""
+    from fewshot.clip.refinement import fit_refiner
+
     opts = plan.opts
     model = child_ckpt.build_model()
-    print(f"choosing the new classes' logit offset on {len(plan.val.rows)} val images "
-          f"(base AP50 within {opts.bias_correction:g} of the parent's {parent_bAP50:.4f}) ...", flush=True)
+    parent_bAP50 = parent_val.unrefined.bAP50
+    refiners: dict[float, object] = {}
+
+    def served_bAP50(offset: float, results: list[dict]) -> float:
+        refiner = fit_refiner(plan.teacher, child_ckpt.classes, child_ckpt.category_ids, plan.val, results)
+        refiners[offset] = refiner
+        row = next(r for r in refiner.selection["grid"] if r["lambda"] == refiner.fusion_weight)
+        print(f"  offset {offset:g}: val base AP50 as served {row['bAP50']:.4f} "
+              f"(fusion weight {refiner.fusion_weight:g})", flush=True)
+        return row["bAP50"]
+
+    if plan.refine:
+        print(f"choosing the new classes' logit offset on {len(plan.val.rows)} val images (as served with "
+              f"CLIP refinement: base AP50 within {opts.bias_correction:g} of the parent's "
+              f"{parent_val.served.bAP50:.4f}, the detector alone within {opts.max_detector_drop:g} of "
+              f"{parent_bAP50:.4f}) ...", flush=True)
+    else:
+        print(f"choosing the new classes' logit offset on {len(plan.val.rows)} val images "
+              f"(base AP50 within {opts.bias_correction:g} of the parent's {parent_bAP50:.4f}) ...", flush=True)
     choice = fit_new_row_offset(model, plan.val, child_ckpt.category_ids, parent_bAP50, opts.bias_correction,
+                                served_bAP50=served_bAP50 if plan.refine else None,
+                                parent_served_bAP50=parent_val.served.bAP50,
+                                max_detector_drop=opts.max_detector_drop,
                                 device=opts.cluster.device(), precision=precision, trunk_cache=trunk_cache)
     save_checkpoint(path, model, child_ckpt.config, child_ckpt.classes, child_ckpt.category_ids,
                     child_ckpt.dataset, child_ckpt.class_set, child_ckpt.extra)
     tags = tracking.log_bias_correction(choice)
     row = next(r for r in choice.table if r["offset"] == choice.offset)
     print(f"new rows' logit offset {choice.offset:g}: val bAP50 {row['bAP50']:.4f} nAP50 {row['nAP50']:.4f}"
-          + ("" if choice.met else f" (no offset tried keeps base AP50 within {opts.bias_correction:g})"),
-          flush=True)
-    return load_checkpoint(path), tags, choice.results
+          + (f", as served {row['served_bAP50']:.4f}" if "served_bAP50" in row else "")
+          + ("" if choice.met else " (no offset tried meets the rule; the best base AP50)"), flush=True)
+    return load_checkpoint(path), tags, choice.results, refiners.get(choice.offset)
 
 
 def _base_only(split: EvalSplit) -> EvalSplit:
