@@ -13,9 +13,9 @@ job (the version's gate figures on val, the served and unrefined test figures) g
         --out benchmarks/results_bias_correction_refined.jsonl
     python benchmarks/bias_correction_refined.py --summarize benchmarks/results_bias_correction_refined.jsonl
 
-``default`` is whatever rule the checked-out ``add_classes`` uses (the lines of the table record
-it from the version's ``bias_correction_judged`` tag: ``served`` since the rule judged as served,
-none before, when the rule judged the detector alone); ``off`` passes ``--bias-correction None``.
+``default`` is whatever rule the checked-out ``add_classes`` uses; each line records it from the
+version's tags (``bias_correction_judged``: ``served`` since 90ee5fe; absent at 19c5d7f, whose
+rule judged the detector alone); ``off`` passes ``--bias-correction None``.
 """
 from __future__ import annotations
 
