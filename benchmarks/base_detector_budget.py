@@ -41,9 +41,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--warmup-steps", type=int, default=50)
-    p.add_argument("--augment", default="flip", choices=["flip", "v2"],
+    p.add_argument("--augment", default="flip", choices=["flip", "v2", "dihedral"],
                    help="flip: random horizontal flips (fewshot.model.batches); v2: fewshot.model.augment's "
-                        "torchvision.transforms.v2 recipe")
+                        "torchvision.transforms.v2 recipe (flip, photometric, zoom-out); dihedral: its "
+                        "flips and right-angle rotations with the photometric distortion (the embedded "
+                        "world's classes do not change under them)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default=None,
                    help="where to train and evaluate (default: CUDA when this process sees a GPU, else the CPU); "
@@ -126,10 +128,10 @@ def main(args: argparse.Namespace) -> dict:
     config = preset(args.preset, **parse_overrides(args.override))
     model = build_detector(config, len(classes) + 1)
     index = class_index(category_ids)
-    if args.augment == "v2":
-        from fewshot.model.augment import augmented_batches
+    if args.augment != "flip":
+        from fewshot.model.augment import RECIPES, augmented_batches
 
-        batches = augmented_batches(rows, index, args.batch_size, args.seed)
+        batches = augmented_batches(rows, index, args.batch_size, args.seed, RECIPES[args.augment]())
     else:
         batches = random_batches(rows, index, args.batch_size, args.seed)
 

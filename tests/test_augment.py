@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from fewshot.model.augment import augment_sample, augmented_batches, detection_augment
+from fewshot.model.augment import augment_sample, augmented_batches, detection_augment, dihedral_augment
 from fewshot.model.batches import class_index
 
 
@@ -28,6 +28,28 @@ def test_flip_and_zoom_out_keep_the_box_on_the_object():
     inside = out[0, y1:y2, x1:x2]
     assert inside.mean() == 1.0 and out[0].sum() == inside.sum()  # the box covers exactly the object
     assert t["labels"].tolist() == [3]
+
+
+def test_dihedral_recipe_moves_boxes_exactly_with_their_objects():
+    # a 96 x 64 image (not square: right-angle rotations swap its sides) with one white box
+    box = (10, 20, 40, 30)
+    img = torch.zeros(3, 64, 96)
+    img[:, 20:30, 10:40] = 1.0
+    target = {"boxes": torch.tensor([box], dtype=torch.float32), "labels": torch.tensor([4])}
+    transform = dihedral_augment(photometric_p=0.0)
+    shapes, sizes = set(), set()
+    torch.manual_seed(0)
+    for _ in range(40):
+        out, t = augment_sample(transform, img, target)
+        shapes.add(tuple(out.shape[-2:]))
+        x1, y1, x2, y2 = t["boxes"][0].tolist()
+        assert all(float(v).is_integer() for v in (x1, y1, x2, y2))  # no resampling
+        sizes.add((x2 - x1, y2 - y1))
+        x1, y1, x2, y2 = int(x1), int(y1), int(x2), int(y2)
+        assert out[0, y1:y2, x1:x2].min() == 1.0 and out[0].sum() == 300  # the box covers exactly the object
+        assert t["labels"].tolist() == [4]
+    assert shapes == {(64, 96), (96, 64)}  # both orientations were drawn
+    assert sizes == {(30.0, 10.0), (10.0, 30.0)}
 
 
 def test_degenerate_boxes_drop_with_their_labels_and_embeddings():

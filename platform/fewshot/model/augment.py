@@ -5,6 +5,14 @@ saturation, hue), and with probability ``zoom_out_p`` an SSD-style zoom-out (the
 a larger grey canvas, so objects get smaller); boxes that end up degenerate are dropped by
 SanitizeBoundingBoxes, their labels (and per-box extras such as teacher embeddings) with them.
 
+``dihedral_augment()``: the eight symmetries of the square (a horizontal flip and a rotation by
+0, 90, 180 or 270 degrees; the dihedral group D4) plus the photometric distortion, no zoom. It
+suits worlds whose labels do not change under these: the embedded world draws every object's
+rotation uniformly from [0, 2*pi) and its colour independently of its class
+(catalog/synthetic.py), so each of the eight images is another draw from the same distribution,
+and right-angle rotations move boxes exactly (pixels are permuted, nothing is resampled). Not
+for photographs, where up is up.
+
 ``augmented_batches`` is :func:`fewshot.model.batches.random_batches` with this recipe instead of flips
 only: endless shuffled batches for in-process training.
 
@@ -31,6 +39,19 @@ def detection_augment(zoom_out_p: float = 0.3, max_zoom_out: float = 2.0,
         v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_box_aligned_keys),
     ])
+
+
+def dihedral_augment(photometric_p: float = 0.5) -> v2.Compose:
+    return v2.Compose([
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomChoice([v2.RandomRotation((angle, angle), expand=True) for angle in (0, 90, 180, 270)]),
+        v2.RandomPhotometricDistort(p=photometric_p),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=_box_aligned_keys),
+    ])
+
+
+RECIPES = {"v2": detection_augment, "dihedral": dihedral_augment}
 
 
 def _box_aligned_keys(inputs) -> tuple[torch.Tensor, ...]:
