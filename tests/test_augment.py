@@ -52,6 +52,17 @@ def test_dihedral_recipe_moves_boxes_exactly_with_their_objects():
     assert sizes == {(30.0, 10.0), (10.0, 30.0)}
 
 
+def test_uint8_images_keep_their_dtype_and_values():
+    # Ray Train workers hand uint8 images over (converted on the device); clamping to [0, 1]
+    # would wipe them
+    img = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8)
+    target = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 12.0]]), "labels": torch.tensor([1])}
+    torch.manual_seed(1)
+    out, t = augment_sample(dihedral_augment(photometric_p=0.0), img, target)
+    assert out.dtype == torch.uint8 and out.max() > 1
+    assert sorted(out.flatten().tolist()) == sorted(img.flatten().tolist())  # pixels permuted only
+
+
 def test_degenerate_boxes_drop_with_their_labels_and_embeddings():
     img = torch.rand(3, 64, 64)
     target = {"boxes": torch.tensor([[5.0, 5.0, 30.0, 30.0], [40.0, 40.0, 40.5, 60.0]]),

@@ -97,7 +97,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     # no refiner for version 1, so Serve's "no refiner" answer is checked below
     out = submit(cluster, ["jobs/base_train.py", "--steps", "12", "--batch-size", "4",
                            "--num-workers", "2", "--checkpoint-every", "6", "--teacher", tiny_teacher_spec,
-                           "--distill-beta", "0.5", "--no-refine", *common])
+                           "--distill-beta", "0.5", "--no-refine", "--augment", "dihedral", *common])
     assert "registered loop-detector version 1 (champion)" in out
     assert "caching embedded-" in out
     v1 = registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION)
@@ -105,7 +105,8 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     client = registry.client(mlflow_uri)
     base_run = client.search_runs([client.get_experiment_by_name("fewshot-base").experiment_id],
                                   "attributes.run_name = 'base-synthworld'")[0]
-    assert base_run.data.metrics["train/loss_distill"] > 0
+    assert base_run.data.metrics["train/loss_distill"] > 0  # teacher embeddings kept through the rotations
+    assert base_run.data.params["augment"] == "dihedral"
     assert v1.version == 1 and v1.classes == list(split.base) and v1.parent_version is None
     assert "bAP50" in v1.tags
 

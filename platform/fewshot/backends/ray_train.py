@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from fewshot.backends.cluster import ClusterOptions
 from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
+from fewshot.model.augment import RECIPES, augment_sample
 from fewshot.model.batches import class_index, columnar_to_rows, decode_column_batch, prefetch, rows_to_batch
 from fewshot.model.devices import grad_scaler, pin_batch, resolve_precision
 from fewshot.model.checkpoint import DISTILL_HEAD_ATTR as HEAD_ATTR
@@ -59,11 +60,13 @@ class TrainJobSpec:
     threads_per_worker: int = 1
     progress: bool = True
     precision: str = "auto"  # fewshot.model.devices.resolve_precision on the worker's device
+    augment: str = "flip"  # flip, or a recipe of fewshot.model.augment.RECIPES applied per image
 
 
 def _infinite_batches(spec: TrainJobSpec, index: dict[int, int], rank: int) -> Iterator:
     shard = ray.train.get_dataset_shard("train")
     rng = np.random.default_rng(spec.seed * 1000 + rank)
+    transform = None if spec.augment == "flip" else RECIPES[spec.augment]()  # torch's RNG, seeded per rank
     while True:
         produced = 0
         for cols in shard.iter_batches(
@@ -72,7 +75,11 @@ def _infinite_batches(spec: TrainJobSpec, index: dict[int, int], rank: int) -> I
             local_shuffle_seed=int(rng.integers(1 << 31)),
         ):
             produced += 1
-            yield rows_to_batch(columnar_to_rows(cols), index, rng=rng, uint8=True)
+            if transform is None:
+                yield rows_to_batch(columnar_to_rows(cols), index, rng=rng, uint8=True)
+            else:
+                images, targets = rows_to_batch(columnar_to_rows(cols), index, uint8=True)
+                yield tuple(map(list, zip(*(augment_sample(transform, i, t) for i, t in zip(images, targets)))))
         if produced == 0:
             raise RuntimeError(f"worker {rank} received an empty dataset shard")
 
@@ -172,7 +179,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # a few-shot fine-tune with a frozen trunk sees each support image many times: compute its
     # features and proposals once (fewshot.model.trunk_cache; the saved checkpoints are plain)
-    cache = TrunkCache() if use_trunk_cache(spec.method.freeze, device) else None
+    # (never under augmentation: the same image comes back transformed)
+    cache = TrunkCache() if use_trunk_cache(spec.method.freeze, device) and spec.augment == "flip" else None
     with cached_trunk(model, cache):
         last = train(ddp_model, batches, spec.train, on_log=on_log, extra_metrics=balancer_metrics(balancer),
                      progress=spec.progress and rank == 0, start_step=start_step, optimizer=optimizer,

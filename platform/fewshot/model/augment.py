@@ -62,14 +62,16 @@ def _box_aligned_keys(inputs) -> tuple[torch.Tensor, ...]:
 
 def augment_sample(transform: v2.Compose, image: torch.Tensor,
                    target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Apply ``transform`` to an image in [0, 1] and its target (``boxes`` xyxy pixels)."""
+    """Apply ``transform`` to an image (float in [0, 1], or uint8) and its target (``boxes``
+    xyxy pixels); the image keeps its dtype."""
     h, w = image.shape[-2:]
     wrapped = {**target, "boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY",
                                                           canvas_size=(h, w))}
     out_image, out_target = transform(tv_tensors.Image(image), wrapped)
     out_target = {k: (v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v)
                   for k, v in out_target.items()}
-    return out_image.as_subclass(torch.Tensor).clamp_(0.0, 1.0), out_target
+    out_image = out_image.as_subclass(torch.Tensor)
+    return (out_image.clamp_(0.0, 1.0) if out_image.is_floating_point() else out_image), out_target
 
 
 def augmented_batches(

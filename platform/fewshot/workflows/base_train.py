@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -48,6 +48,11 @@ class BaseTrainOptions:
     """Detector preset: cpu-small trains on CPU in minutes, r50-fpn is for GPUs."""
     seed: int = 0
     """Random seed."""
+    augment: Literal["flip", "dihedral"] = "flip"
+    """Training augmentation: flip (random horizontal flips) or dihedral (flips, right-angle
+    rotations and photometric distortion, fewshot.model.augment; for data whose classes do not
+    change when rotated or recoloured, like the embedded world: 0.719 against 0.690 base bAP50 at
+    4x the demo's schedule, README)."""
     checkpoint_every: int = 200
     """Report a Ray Train checkpoint every N steps (0: only at the end)."""
     max_test_images: int | None = None
@@ -141,6 +146,7 @@ def _run(plan: Plan, work: Path) -> registry.VersionInfo:
         tracking.log_params({
             "dataset": dataset, "class_split": opts.class_split, "classes": classes,
             "preset": opts.preset, "num_workers": opts.cluster.num_workers, "seed": opts.seed,
+            "augment": opts.augment,
             "gpu": opts.cluster.gpu, "gpus_per_worker": opts.cluster.gpus, "precision_option": opts.cluster.precision,
             "teacher": plan.teacher.id if plan.teacher is not None else "none",
             **{k: ("none" if v is None else v) for k, v in plan.method.to_dict().items()},
@@ -149,7 +155,7 @@ def _run(plan: Plan, work: Path) -> registry.VersionInfo:
         spec = ray_train.TrainJobSpec(
             init_checkpoint=str(init_path), train=opts.train, seed=opts.seed, method=plan.method,
             mlflow_tracking_uri=store.mlflow_uri, mlflow_run_id=run.info.run_id,
-            checkpoint_every=opts.checkpoint_every,
+            checkpoint_every=opts.checkpoint_every, augment=opts.augment,
         )
         print(f"training base model on {plan.manifest.splits.get('train')} images, "
               f"{len(classes)} classes, {opts.cluster.num_workers} Ray Train workers ...", flush=True)
