@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     p.add_argument("--balancer-momentum", type=float, default=0.9, help="balancer smoothing")
     p.add_argument("--distill-beta", type=float, default=1.0, help="distillation weight beta")
+    p.add_argument("--pseudo-label-threshold", type=float, default=0.5,
+                   help="the *-pseudo variants (and 'pseudo') add the base model's detections of its own "
+                        "classes with at least this score to the support images as annotations "
+                        "(fewshot.learning.pseudo_labels); chosen on val (see the README's ablation)")
     p.add_argument("--test-images", type=int, default=150, help="test images scored per draw")
     p.add_argument("--val-images", type=int, default=100,
                    help="val images the refinement fusion weight is chosen on")
@@ -115,14 +119,15 @@ def verdicts(rows: list[dict], cells: list[dict], shots: list[int],
     """The issue's goals, checked per shot count: the full method against 'baseline' as the two
     intervals and as the paired difference over the same draws (same seed, same support set):
     'all' (with refinement) and 'pgb-distill' (its detector unrefined: the detector's own
-    learning); with ``parent_bAP50``, each variant's bAP50 against the parent's."""
+    learning), and the same with old-class pseudo-labels ('pseudo' alone, 'pgb-distill-pseudo',
+    'all-pseudo'); with ``parent_bAP50``, each variant's bAP50 against the parent's."""
     from fewshot.metrics.stats import mean_ci95
 
     out = []
     get = {(c["variant"], c["shots"]): c for c in cells}
     by = {(r["variant"], r["shots"], r["seed"]): r for r in rows}
     for k in shots:
-        for full in ("all", "pgb-distill"):
+        for full in ("all", "pgb-distill", "pseudo", "pgb-distill-pseudo", "all-pseudo"):
             a, b = get.get((full, k)), get.get(("baseline", k))
             if a is None or b is None:
                 continue
@@ -158,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         check_variants(variants, args.teacher)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not 0.0 < args.pseudo_label_threshold <= 1.0:
+        print(f"error: --pseudo-label-threshold must be in (0, 1], got {args.pseudo_label_threshold}",
+              file=sys.stderr)
         return 2
     if args.gpu and not args.gpus_per_worker > 0:
         print(f"error: --gpus-per-worker must be > 0, got {args.gpus_per_worker}", file=sys.stderr)
@@ -200,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = [UnitSpec(catalog_root=args.catalog, dataset=args.dataset, new_classes=tuple(split.novel),
                       shots=k, seed=s, variants=tuple(variants), train=cfg, freeze=args.freeze,
                       balancer_momentum=args.balancer_momentum, distill_beta=args.distill_beta,
-                      teacher_spec=args.teacher, test_images=args.test_images,
+                      teacher_spec=args.teacher, pseudo_label_threshold=args.pseudo_label_threshold,
+                      test_images=args.test_images,
                       val_images=args.val_images, gpus=gpus, precision=args.precision)
              for k in shots for s in range(args.seeds)]
     started = time.time()
@@ -230,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                             tags={"job": "ablation", "base_model": parent_ref}):
         tracking.log_params({"class_split": args.class_split, "shots": shots, "seeds": args.seeds,
                              "variants": variants, "teacher": args.teacher, "freeze": args.freeze,
-                             "distill_beta": args.distill_beta, "test_images": args.test_images,
+                             "distill_beta": args.distill_beta,
+                             "pseudo_label_threshold": args.pseudo_label_threshold, "test_images": args.test_images,
                              "val_images": args.val_images, "base_model": parent_ref,
                              "parent_test_bAP50": round(parent_bAP50, 4),
                              "gpus_per_task": gpus, "precision": args.precision,

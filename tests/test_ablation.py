@@ -39,7 +39,7 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
     by = {r["variant"]: r for r in rows}
     for r in rows:
         assert 0.0 <= r["bAP50"] <= 1.0 and r["shots"] == 1 and r["seed"] == 0
-    for name in ("refine", "all"):
+    for name in ("refine", "all", "all-pseudo"):
         assert by[name]["fusion_weight"] in DEFAULT_GRID
     assert by["baseline"]["fusion_weight"] is None
     if by["refine"]["fusion_weight"] == 0.0:  # same model, refinement off: same figures
@@ -48,8 +48,11 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
     assert by["refine"]["nAP50_unrefined"] == by["baseline"]["nAP50"]
     assert by["all"]["nAP50_unrefined"] == by["pgb-distill"]["nAP50"]
     assert by["all"]["bAP50_unrefined"] == by["pgb-distill"]["bAP50"]
-    for name in ("baseline", "pgb", "gradnorm", "distill", "pgb-distill"):
+    assert by["all-pseudo"]["nAP50_unrefined"] == by["pgb-distill-pseudo"]["nAP50"]
+    for name in ("baseline", "pgb", "gradnorm", "distill", "pgb-distill", "pseudo", "pgb-distill-pseudo"):
         assert by[name]["nAP50_unrefined"] == by[name]["nAP50"]
+    assert {n for n, r in by.items() if r["pseudo_label_threshold"] == 0.5} == {
+        "pseudo", "pgb-distill-pseudo", "all-pseudo"}
 
 
 @pytest.mark.integration

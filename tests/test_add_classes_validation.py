@@ -89,6 +89,14 @@ def test_a_bias_correction_outside_0_to_1_is_refused(drop, tiny_catalog, mlflow_
     assert _registry_state(mlflow_uri) == before
 
 
+@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.5])
+def test_a_pseudo_label_threshold_outside_0_to_1_is_refused(threshold, tiny_catalog, mlflow_uri, champion):
+    before = _registry_state(mlflow_uri)
+    with pytest.raises(AddClassesError, match="--pseudo-labels is a detection score threshold"):
+        validate(_opts(tiny_catalog, mlflow_uri, list(champion["split"].novel[:1]), pseudo_labels=threshold))
+    assert _registry_state(mlflow_uri) == before
+
+
 def test_the_plan_carries_what_validation_read(tiny_catalog, mlflow_uri, champion):
     novel = list(champion["split"].novel[:2])
     plan = validate(_opts(tiny_catalog, mlflow_uri, novel))

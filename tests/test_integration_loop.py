@@ -175,6 +175,11 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     assert 0.0 <= weight <= 1.0 and v2.tags["refine_teacher"].startswith("embedded-")
     assert v2.tags["distill_beta"] == "0.5" and v2.tags["balancer"] == "pgb"
     assert v2.tags["freeze"] == "backbone" and v2.tags["config_source"] == "flags"
+    # --freeze backbone trains the box head: the parent labelled its own classes on the support
+    # images first (pseudo-labels on by default at 0.9); the tag says how many it added
+    threshold, added = v2.tags["pseudo_labels"].split(":")
+    assert threshold == "0.9" and int(added) >= 0
+    assert f"the parent labelled {added} objects of its own classes (score >= 0.9)" in out
     assert body["refinement"] == {"applied": True, "fusion_weight": weight,
                                   "teacher": v2.tags["refine_teacher"]}
     for det in body["detections"]:

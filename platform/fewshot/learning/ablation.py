@@ -2,20 +2,28 @@
 
 Variants (issue "The seed methods"; MTL-FSOD, ECCV 2024; arXiv 2509.23915):
 
-==========  ==========================  ============  ==========
-variant     balancer                    distillation  refinement
-==========  ==========================  ============  ==========
-baseline    fixed weights (1, 1)        no            no
-pgb         precision-driven (PGB)      no            no
-gradnorm    inverse gradient norm       no            no
-distill     fixed                       beta          no
-pgb-distill PGB                         beta          no
-refine      fixed (baseline's model)    no            yes
-all         PGB                         beta          yes
-==========  ==========================  ============  ==========
+==================  ======================  ============  ==========  =============
+variant             balancer                distillation  refinement  pseudo-labels
+==================  ======================  ============  ==========  =============
+baseline            fixed weights (1, 1)    no            no          no
+pgb                 precision-driven (PGB)  no            no          no
+gradnorm            inverse gradient norm   no            no          no
+distill             fixed                   beta          no          no
+pgb-distill         PGB                     beta          no          no
+refine              fixed (baseline's)      no            yes         no
+all                 PGB                     beta          yes         no
+pseudo              fixed                   no            no          yes
+pgb-distill-pseudo  PGB                     beta          no          yes
+all-pseudo          PGB                     beta          yes         yes
+==================  ======================  ============  ==========  =============
 
 ``pgb-distill`` is ``all``'s detector without refinement: the detector's own learning under
-the full method. Every row also carries ``nAP50_unrefined``/``bAP50_unrefined`` (the same
+the full method. The ``pseudo`` variants fine-tune on the support images with the parent's
+confident detections of the old classes added as annotations
+(:mod:`fewshot.learning.pseudo_labels`, score ``>= UnitSpec.pseudo_label_threshold``): the
+K-shot sampler leaves most old-class objects of those images unannotated, so without them a
+fine-tune that trains the box head learns that old objects are background. They are not one of
+the seed methods; they are listed so the table shows what each of them adds on its own. Every row also carries ``nAP50_unrefined``/``bAP50_unrefined`` (the same
 model scored without refinement; equal to ``nAP50``/``bAP50`` for unrefined variants).
 
 One unit = one K-shot draw (``shots``, ``seed``) of the new classes: every variant fine-tunes
@@ -33,7 +41,9 @@ from typing import Callable, Sequence
 
 from catalog import Catalog
 from fewshot.model.checkpoint import DetectorCheckpoint
-from fewshot.learning.episode import expand_parent, fine_tune_episode, predict, sample_episode, score
+from fewshot.learning.episode import (
+    expand_parent, fine_tune_episode, predict, pseudo_label_episode, sample_episode, score,
+)
 from fewshot.metrics.coco_eval import load_eval_split
 from fewshot.learning.method import MethodConfig
 from fewshot.learning.loop import TrainConfig
@@ -46,10 +56,11 @@ class Variant:
     balancer: str = "fixed"
     distill: bool = False
     refine: bool = False
+    pseudo_labels: bool = False
 
     @property
-    def training_key(self) -> tuple[str, bool]:
-        return (self.balancer, self.distill)
+    def training_key(self) -> tuple[str, bool, bool]:
+        return (self.balancer, self.distill, self.pseudo_labels)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -60,6 +71,9 @@ VARIANTS: dict[str, Variant] = {
     "pgb-distill": Variant(balancer="pgb", distill=True),
     "refine": Variant(refine=True),
     "all": Variant(balancer="pgb", distill=True, refine=True),
+    "pseudo": Variant(pseudo_labels=True),
+    "pgb-distill-pseudo": Variant(balancer="pgb", distill=True, pseudo_labels=True),
+    "all-pseudo": Variant(balancer="pgb", distill=True, refine=True, pseudo_labels=True),
 }
 
 
@@ -78,6 +92,7 @@ class UnitSpec:
     balancer_momentum: float = 0.9
     distill_beta: float = 1.0
     teacher_spec: str | None = None
+    pseudo_label_threshold: float = 0.5   # the pseudo variants' score threshold
     test_images: int | None = 150
     val_images: int | None = 100
     gpus: float = 0.0           # the task holds this many GPUs: run on its CUDA device (else the CPU)
@@ -120,7 +135,8 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
     # and proposals once per image (exact; fewshot.model.trunk_cache)
     cache = TrunkCache() if spec.trunk_cache and use_trunk_cache(spec.freeze, device) else None
 
-    trained: dict[tuple[str, bool], tuple[DetectorCheckpoint, list[dict]]] = {}
+    labelled = None   # the episode with old-class pseudo-labels, made once for every pseudo variant
+    trained: dict[tuple[str, bool, bool], tuple[DetectorCheckpoint, list[dict]]] = {}
     rows = []
     for name in spec.variants:
         v = VARIANTS[name]
@@ -129,8 +145,16 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                                   balancer_momentum=spec.balancer_momentum,
                                   distill_beta=spec.distill_beta if v.distill else 0.0,
                                   teacher_dim=teacher.embed_dim if teacher is not None else None)
+            train_ep = ep
+            if v.pseudo_labels:
+                if labelled is None:
+                    labelled, stats = pseudo_label_episode(ep, spec.pseudo_label_threshold, device=device,
+                                                           precision=precision)
+                    say(f"{spec.shots}-shot seed {spec.seed}: {stats.added} old-class pseudo-labels "
+                        f"beside {stats.annotated} annotations")
+                train_ep = labelled
             say(f"{spec.shots}-shot seed {spec.seed}: training {name}")
-            child = fine_tune_episode(ep, spec.train, method, start=start, teacher=teacher,
+            child = fine_tune_episode(train_ep, spec.train, method, start=start, teacher=teacher,
                                       device=device, precision=precision, trunk_cache=cache)
             trained[v.training_key] = (child, predict(child, test, device=device, precision=precision,
                                                       trunk_cache=cache))
@@ -149,5 +173,6 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
         rows.append({"variant": name, "shots": spec.shots, "seed": spec.seed,
                      "bAP50": report.bAP50, "nAP50": report.nAP50, "bAP": report.bAP,
                      "nAP": report.nAP, "HM50": report.HM50, "fusion_weight": fusion_weight,
-                     "bAP50_unrefined": unrefined.bAP50, "nAP50_unrefined": unrefined.nAP50})
+                     "bAP50_unrefined": unrefined.bAP50, "nAP50_unrefined": unrefined.nAP50,
+                     "pseudo_label_threshold": spec.pseudo_label_threshold if v.pseudo_labels else None})
     return rows

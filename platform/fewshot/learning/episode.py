@@ -7,7 +7,9 @@ instances of every old class, evaluated by base and novel AP):
 
 1. :func:`sample_episode` draws the support set (``catalog.kshot.sample_support``);
 2. :func:`expand_parent` adds one classifier row per new class, imprinted from the centred
-   support features (:func:`fewshot.model.expansion.expand_detector`);
+   support features (:func:`fewshot.model.expansion.expand_detector`); optionally
+   :func:`pseudo_label_episode` gives the support images back the old-class objects the K-shot
+   sampler left unannotated (:mod:`fewshot.learning.pseudo_labels`);
 3. :func:`fine_tune_episode` trains with a :class:`fewshot.learning.method.MethodConfig`
    (balancer, distillation) and returns the child as an in-memory ``DetectorCheckpoint``;
 4. :func:`score` evaluates it on a split, optionally with CLIP refinement.
@@ -30,6 +32,7 @@ from fewshot.model.devices import resolve_device
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, predict_rows
 from fewshot.model.expansion import expand_detector
 from fewshot.model.trunk_cache import TrunkCache
+from fewshot.learning.pseudo_labels import PseudoLabelStats, pseudo_label_rows
 from fewshot.learning.method import MethodConfig, TeacherEmbedder, finetune
 from fewshot.learning.loop import TrainConfig
 
@@ -90,6 +93,17 @@ def expand_parent(ep: Episode, device: str | torch.device | None = None) -> Dete
     expand_detector(model, images, targets, num_new=len(ep.new_classes),
                     center_images=replay_images, center_targets=replay_targets)
     return to_checkpoint(model, ep.parent, ep.child_classes, ep.child_ids)
+
+
+def pseudo_label_episode(ep: Episode, threshold: float, *, device: str | torch.device | None = None,
+                         precision: str = "fp32") -> tuple[Episode, PseudoLabelStats]:
+    """``ep`` with the parent's confident detections of its own classes added to every support
+    image (novel and replay) as annotations (:func:`fewshot.learning.pseudo_labels.pseudo_label_rows`,
+    score ``>= threshold``); the new classes' annotations stay the user's."""
+    rows, stats = pseudo_label_rows(ep.parent.build_model(), ep.rows, ep.parent.category_ids, threshold,
+                                    device=device, precision=precision)
+    n = len(ep.novel_rows)
+    return replace(ep, novel_rows=rows[:n], replay_rows=rows[n:]), stats
 
 
 def to_checkpoint(model: torch.nn.Module, like: DetectorCheckpoint, classes: Sequence[str] | None = None,

@@ -12,7 +12,9 @@ nothing is read twice:
    (the parent is judged as it is served). It returns a :class:`Plan`.
 2. :func:`run_add_classes` samples the K-shot support set (plus K replay exemplars of every
    old class), refuses when a support image is also an evaluation image, imprints one
-   classifier row per new class, fine-tunes on Ray Train, fits CLIP refinement on val when a
+   classifier row per new class, lets the parent label the objects of its own classes the
+   sample left unannotated when the fine-tune trains more than the new rows
+   (:mod:`fewshot.learning.pseudo_labels`), fine-tunes on Ray Train, fits CLIP refinement on val when a
    teacher is given, and scores parent and child **as each is served** (refined when the
    version has a refiner) and **unrefined**, on the **val** split. The gate
    (:class:`fewshot.workflows.gate.GateRule`) decides on those val figures only; the test
@@ -46,7 +48,9 @@ from fewshot.model.trunk_cache import TrunkCache, use_trunk_cache
 from fewshot.backends.ray_train import PRECISION_KEY
 from fewshot.clip.refinement import EXTRA_KEY as REFINER_KEY
 from fewshot.learning.bias_correction import fit_new_row_offset
-from fewshot.learning.episode import Episode, expand_parent, refine_checkpoint_file, score
+from fewshot.learning.episode import (
+    Episode, expand_parent, pseudo_label_episode, refine_checkpoint_file, score,
+)
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodConfig, MethodOptions, TeacherEmbedder
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, load_eval_split
@@ -89,6 +93,14 @@ class AddClassesOptions:
     version's as served while the detector alone stays within --max-detector-drop; the offset
     travels in the checkpoint. The choice and every offset's val figures go to MLflow. None
     turns it off."""
+    pseudo_labels: float | None = 0.9
+    """Old-class pseudo-labels: before fine-tuning, the parent's detections of its own classes
+    with at least this score are added to the support images as annotations (one per object,
+    never over a box of the dataset), because the K-shot sample annotates only the object each
+    image was taken for and a fine-tune that trains the box head or the RPN would learn that
+    the old classes' other objects are background. Applied when --freeze trains more than the
+    new classifier rows (rpn, backbone, none); with --freeze head nothing it could change
+    trains, so it is skipped. None turns it off. The count added goes to MLflow."""
     tuned_config: str | None = None
     """'best': the configuration jobs/tune.py stored for --model-name (balancer, momentum, beta,
     lr, steps and the freeze policy it was tuned under override the flags); or a JSON file with
@@ -256,6 +268,9 @@ def validate(opts: AddClassesOptions) -> Plan:
     if opts.bias_correction is not None and not 0.0 <= opts.bias_correction < 1.0:
         raise AddClassesError(f"--bias-correction is a drop of base AP50 (a fraction, 0 <= d < 1), "
                               f"got {opts.bias_correction}")
+    if opts.pseudo_labels is not None and not 0.0 < opts.pseudo_labels <= 1.0:
+        raise AddClassesError(f"--pseudo-labels is a detection score threshold (0 < t <= 1), got "
+                              f"{opts.pseudo_labels}")
     if not opts.classes:
         raise AddClassesError("--classes is empty: name at least one class to add")
     classes = list(opts.classes)
@@ -389,6 +404,12 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                       new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
                       novel_rows=novel_rows, replay_rows=replay_rows)
     start = expand_parent(episode, device=opts.cluster.device())  # one imprinted row per new class
+    pseudo = None
+    if opts.pseudo_labels is not None and plan.method.freeze != "head":
+        episode, pseudo = pseudo_label_episode(episode, opts.pseudo_labels, device=opts.cluster.device())
+        novel_rows, replay_rows = episode.novel_rows, episode.replay_rows
+        print(f"the parent labelled {pseudo.added} objects of its own classes (score >= {opts.pseudo_labels:g}) "
+              f"on the {pseudo.images} support images, beside their {pseudo.annotated} annotations", flush=True)
     # the parent's refiner knew the old classes only: the child gets its own (or none)
     extra = {k: v for k, v in parent_ckpt.extra.items() if k != REFINER_KEY}
     init_path = save_checkpoint(plan.work / "init.pt", start.build_model(), start.config, child_classes,
@@ -407,6 +428,8 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
             "replay": opts.replay, "novel_images": len(novel_rows), "replay_images": len(replay_rows),
             "max_base_drop": opts.max_base_drop, "max_detector_drop": opts.max_detector_drop,
             "bias_correction": "off" if opts.bias_correction is None else opts.bias_correction,
+            "pseudo_labels": "off" if pseudo is None else opts.pseudo_labels,
+            "pseudo_labels_added": 0 if pseudo is None else pseudo.added,
             "teacher": plan.teacher.id if plan.teacher is not None else "none",
             "refine": plan.refine, "config_source": plan.config_source,
             "val_images": len(plan.val.rows), "test_images": len(plan.test.rows) if plan.test else 0,
@@ -510,6 +533,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         clock.start("register")
         method_tags = {"balancer": method.balancer or "none", "distill_beta": f"{method.distill_beta:g}",
                        "freeze": method.freeze, "config_source": plan.config_source,
+                       "pseudo_labels": "off" if pseudo is None else f"{opts.pseudo_labels:g}:{pseudo.added}",
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
                                              "steps": opts.train.steps}, sort_keys=True)}
         description = describe_version(plan.new_classes, plan.parent.version, opts.shots, passed, reason,
