@@ -15,7 +15,10 @@ Protocol (fixed before the run; nothing is chosen, so nothing is tuned on test):
    (``fewshot.learning.episode``: K Platelets shots + K replay shots of each base class, the new
    row imprinted, 150 steps, batch 8, AdamW lr 5e-4, 20 warm-up steps, ``--freeze head``, no
    balancer, no distillation, no refinement; ``--freeze none`` is the one non-default a run may
-   set: everything trains, the RPN included).
+   set: everything trains, the RPN included). With ``--pseudo-labels T`` the base detector's
+   RBC/WBC detections with score >= T are added to the support images first, as add_classes
+   does by default when ``--freeze`` is not ``head`` (:mod:`fewshot.learning.pseudo_labels`);
+   the new row is imprinted from the user's boxes before that, as there.
 4. The child is scored on the whole test split with pycocotools: nAP50 (Platelets) and bAP50
    (RBC, WBC); the parent's bAP50 on the same images is recorded once per variant.
 
@@ -66,6 +69,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze", choices=["head", "rpn", "backbone", "none"], default="head",
                    help="what trains in the fine-tune (add_classes' --freeze; default head: only the new "
                         "classifier row; rpn: the RPN too; none: everything)")
+    p.add_argument("--pseudo-labels", type=float, default=None, metavar="T",
+                   help="add the base detector's detections of RBC/WBC with score >= T to the support "
+                        "images as annotations before fine-tuning (add_classes --pseudo-labels, "
+                        "fewshot.learning.pseudo_labels; add_classes applies 0.9 when --freeze is not "
+                        "head); default: off, as the runs before it")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--bccd", default=str(BCCD), help="the BCCD VOC folder")
     p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-bccd-catalog"),
@@ -134,7 +142,9 @@ def base_checkpoint(args, catalog):
 
 
 def run(args) -> None:
-    from fewshot.learning.episode import fine_tune_episode, sample_episode, score
+    from fewshot.learning.episode import (
+        expand_parent, fine_tune_episode, pseudo_label_episode, sample_episode, score,
+    )
     from fewshot.learning.loop import TrainConfig
     from fewshot.learning.method import MethodConfig
     from fewshot.metrics.coco_eval import load_eval_split
@@ -151,10 +161,20 @@ def run(args) -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.perf_counter()
             ep = sample_episode(catalog, parent, NOVEL, shots, seed, dataset="bccd")
-            child = fine_tune_episode(ep, cfg, method, device="cpu")
+            added = None
+            if args.pseudo_labels is not None:
+                start = expand_parent(ep, device="cpu")   # imprinted from the user's boxes, as add_classes
+                ep, stats = pseudo_label_episode(ep, args.pseudo_labels, device="cpu")
+                added = stats.added
+                log(f"K={shots} seed {seed}: the base detector labelled {stats.added} RBC/WBC boxes beside "
+                    f"the {stats.annotated} annotations of the {stats.images} support images")
+                child = fine_tune_episode(ep, cfg, method, start=start, device="cpu")
+            else:
+                child = fine_tune_episode(ep, cfg, method, device="cpu")
             report = score(child, split, device="cpu")
             out = {"variant": args.variant, "preset": VARIANTS[args.variant][0], "shots": shots,
-                   "seed": seed, "freeze": args.freeze, "base_steps": args.base_steps, "steps": args.steps,
+                   "seed": seed, "freeze": args.freeze, "pseudo_labels": args.pseudo_labels,
+                   "pseudo_labels_added": added, "base_steps": args.base_steps, "steps": args.steps,
                    "test_images": report.num_images, "nAP50": round(report.nAP50, 4),
                    "bAP50": round(report.bAP50, 4), "parent_bAP50": round(parent_report.bAP50, 4),
                    "per_class_AP50": {k: round(v, 4) for k, v in report.per_class_AP50.items()},
@@ -215,7 +235,8 @@ def summarize(path: str) -> str:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     by = defaultdict(dict)  # (variant, shots) -> seed -> row (the last line of a repeated draw wins)
     for r in rows:
-        by[(f"{r['variant']} --freeze {r.get('freeze', 'head')}", r["shots"])][r["seed"]] = r
+        pl = f" --pseudo-labels {r['pseudo_labels']:g}" if r.get("pseudo_labels") is not None else ""
+        by[(f"{r['variant']} --freeze {r.get('freeze', 'head')}{pl}", r["shots"])][r["seed"]] = r
     lines = ["| backbone | K | draws | nAP50 (Platelets) | bAP50 (RBC, WBC) | parent bAP50 |",
              "|---|---|---|---|---|---|"]
     for (variant, shots), draws in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -225,6 +246,9 @@ def summarize(path: str) -> str:
     pairs = [(f"lite0-imagenet --freeze {f}", f"{b} --freeze {f}") for f in ("head", "rpn", "backbone", "none")
              for b in ("lite0-scratch", "cpu-small")]
     pairs += [(f"lite0-imagenet --freeze {f}", "lite0-imagenet --freeze head") for f in ("rpn", "none")]
+    pairs += [(f"lite0-imagenet --freeze {f} --pseudo-labels {t:g}", f"lite0-imagenet --freeze {f}")
+              for f in ("rpn", "backbone", "none") for t in sorted({r["pseudo_labels"] for r in rows
+                                                                    if r.get("pseudo_labels") is not None})]
     diff_lines = []
     for a, b in pairs:
         for shots in sorted({s for (_, s) in by}):

@@ -174,6 +174,30 @@ def test_a_trial_scores_the_mean_over_its_draws(tiny_catalog, mlflow_uri, champi
         replace(opts, draws=0).check()
 
 
+def test_trials_that_train_the_box_head_get_the_pseudo_labelled_rows(tiny_catalog, mlflow_uri, champion):
+    """Each draw carries its rows as sampled and with the parent's old-class pseudo-labels; a
+    trial under --freeze head trains on the former (as add_classes does), the others on the latter."""
+    from fewshot.learning.method import MethodConfig
+
+    opts = tuning.TuneOptions(
+        store=StoreOptions(catalog=str(tiny_catalog.root), mlflow_uri=mlflow_uri, model_name=MODEL),
+        classes=tuple(champion["split"].novel[:2]), shots=2, cluster=ClusterOptions(cpus_per_worker=1),
+        batch_size=2, teacher=None, draws=1, val_images=20, pseudo_labels=0.05)
+    draw = tuning._payload(tuning._prepare(opts), opts).draws[0]
+    assert [r["image_id"] for r in draw.pseudo_rows] == [r["image_id"] for r in draw.rows]
+    for plain, labelled in zip(draw.rows, draw.pseudo_rows):   # the user's boxes first, unchanged
+        n = len(plain["boxes"])
+        assert labelled["boxes"][:n] == plain["boxes"] and labelled["category_ids"][:n] == plain["category_ids"]
+        by_name = tiny_catalog.manifest("synthworld").category_by_name()
+        assert set(labelled["category_ids"][n:]) <= {by_name[c].id for c in champion["split"].base}
+    assert sum(len(l["boxes"]) - len(p["boxes"]) for p, l in zip(draw.rows, draw.pseudo_rows)) > 0
+    assert draw.rows_for(MethodConfig(freeze="head")) is draw.rows
+    assert draw.rows_for(MethodConfig(freeze="backbone")) is draw.pseudo_rows
+    assert draw.rows_for(MethodConfig(freeze="rpn")) is draw.pseudo_rows
+    off = tuning._payload(tuning._prepare(opts), tuning.replace(opts, pseudo_labels=None)).draws[0]
+    assert off.pseudo_rows is None and off.rows_for(MethodConfig(freeze="backbone")) is off.rows
+
+
 def test_compare_best_and_default_on_test(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path):
     """--compare-seeds' machinery at tiny scale (2 seeds, 2-step fine-tunes, 10 test images)."""
     opts = tuning.TuneOptions(

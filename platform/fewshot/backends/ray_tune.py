@@ -97,6 +97,17 @@ class TrialDraw:
     rows: list[dict]                     # K-shot novel + replay rows
     rows_with_teacher: list[dict] | None  # the same rows with ``teacher_emb`` (None: no teacher)
     seed: int                            # the draw's seed, also the fine-tune's
+    # the same rows with the parent's old-class pseudo-labels (fewshot.learning.pseudo_labels),
+    # for the trials whose freeze policy trains more than the new rows (None: off)
+    pseudo_rows: list[dict] | None = None
+    pseudo_rows_with_teacher: list[dict] | None = None
+
+    def rows_for(self, method) -> list[dict]:
+        """The rows a trial under ``method`` trains on: pseudo-labelled unless only the new
+        rows train (``--freeze head``, as add_classes), with teacher embeddings when it distils."""
+        if self.pseudo_rows is not None and method.freeze != "head":
+            return self.pseudo_rows_with_teacher if method.distills else self.pseudo_rows
+        return self.rows_with_teacher if method.distills else self.rows
 
 
 @dataclass
@@ -150,7 +161,7 @@ def run_trial(config: dict, payload: TrialPayload) -> None:
     for i, draw in enumerate(payload.draws):
         last = i == len(payload.draws) - 1
         model = draw.start.build_model()
-        rows = draw.rows_with_teacher if method.distills else draw.rows
+        rows = draw.rows_for(method)
 
         def on_eval(step: int, smoothed: dict[str, float], model=model, draw=draw, last=last) -> None:
             figures = val_metrics(score(to_checkpoint(model, draw.start), payload.val, device=device,
@@ -338,29 +349,31 @@ def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *,
 
 
 def _finetune_and_score(episode, cfg: TrainConfig, method, split: EvalSplit, threads: int,
-                        gpus: float = 0.0, precision: str = "auto") -> dict:
-    """One fine-tune of a comparison: expand, fine-tune, score on ``split`` (rows pre-embedded),
-    on the task's GPU when it holds one, else the CPU."""
+                        gpus: float = 0.0, precision: str = "auto", train_rows: list[dict] | None = None) -> dict:
+    """One fine-tune of a comparison: expand (imprint from ``episode``), fine-tune on
+    ``train_rows`` (default: the episode's rows; pre-embedded when the method distils), score on
+    ``split``, on the task's GPU when it holds one, else the CPU."""
     torch.set_num_threads(max(1, threads))
     device = resolve_device(None if gpus > 0 else "cpu")
     precision = resolve_precision(precision, device)
     start = expand_parent(episode, device=device)
     cache = TrunkCache() if use_trunk_cache(method.freeze, device) else None
-    model = finetune(start, episode.rows, cfg, method, seed=episode.seed, device=device, precision=precision,
-                     trunk_cache=cache)
+    model = finetune(start, episode.rows if train_rows is None else train_rows, cfg, method, seed=episode.seed,
+                     device=device, precision=precision, trunk_cache=cache)
     return val_metrics(score(to_checkpoint(model, start), split, device=device, precision=precision,
                              trunk_cache=cache))
 
 
 def run_finetunes(jobs: dict, split: EvalSplit, cpus: int, on_done=None, *, gpus: float = 0.0,
                   precision: str = "auto") -> dict:
-    """``jobs``: key -> (episode, TrainConfig, MethodConfig); one Ray task each (``cpus`` CPUs,
+    """``jobs``: key -> (episode, TrainConfig, MethodConfig, training rows or None: the
+    episode's); one Ray task each (``cpus`` CPUs,
     ``gpus`` GPUs), ``split`` shipped once; returns key -> figures (``on_done(key, figures,
     done, total)`` as they come)."""
     split_ref = ray.put(split)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finetune_and_score)
-    pending = {task.remote(ep, cfg, method, split_ref, cpus, gpus, precision): key
-               for key, (ep, cfg, method) in jobs.items()}
+    pending = {task.remote(ep, cfg, method, split_ref, cpus, gpus, precision, rows): key
+               for key, (ep, cfg, method, rows) in jobs.items()}
     out, waiting = {}, list(pending)
     while waiting:
         ready, waiting = ray.wait(waiting, num_returns=1)

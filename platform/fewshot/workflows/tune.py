@@ -49,7 +49,7 @@ from fewshot.backends.ray_tune import (
     run_finetunes, run_search, search_space,
 )
 from fewshot.backends.tuned_configs import apply_to, save_best_config
-from fewshot.learning.episode import expand_parent, sample_episode
+from fewshot.learning.episode import expand_parent, pseudo_label_episode, sample_episode
 from fewshot.learning.method import FreezePolicy, MethodOptions, TeacherEmbedder
 from fewshot.metrics.coco_eval import load_eval_split
 from fewshot.metrics.stats import mean_ci95
@@ -95,6 +95,11 @@ class TuneOptions:
     (backbone and RPN frozen). With add_classes' own default 'head' only the new classifier rows
     train, so the balancer and distillation (both act on the shared RoI feature) would change
     nothing."""
+    pseudo_labels: float | None = 0.9
+    """As add_classes --pseudo-labels: the parent's detections of its own classes with at least
+    this score are added to each draw's support images, for the trials (and comparison
+    fine-tunes) whose freeze policy trains more than the new classifier rows; None: off. Use
+    the value add_classes will run with, so the trials train as it will."""
     include_default: bool = True
     """Run add_classes' own defaults (its freeze policy, no balancer, its lr and steps, steps
     capped at --max-steps) as the first trial, on the same draws: the search keeps them unless a
@@ -269,9 +274,17 @@ def _payload(prep: _Prepared, opts: TuneOptions) -> TrialPayload:
     for i in range(opts.draws):
         seed = opts.seed + DRAW_SEED_STRIDE * i
         ep = sample_episode(prep.catalog, prep.parent, prep.classes, opts.shots, seed, dataset=prep.dataset)
-        rows_t = TeacherEmbedder(prep.teacher)(ep.rows) if prep.teacher is not None else None
-        draws.append(TrialDraw(start=expand_parent(ep, device=opts.cluster.device()), rows=ep.rows,
-                               rows_with_teacher=rows_t, seed=seed))
+        embed = TeacherEmbedder(prep.teacher) if prep.teacher is not None else None
+        start = expand_parent(ep, device=opts.cluster.device())
+        pseudo = pseudo_t = None
+        if opts.pseudo_labels is not None:
+            labelled, stats = pseudo_label_episode(ep, opts.pseudo_labels, device=opts.cluster.device())
+            pseudo = labelled.rows
+            pseudo_t = embed(pseudo) if embed is not None else None
+            print(f"[tune] draw {seed}: the parent labelled {stats.added} objects of its own classes "
+                  f"(score >= {opts.pseudo_labels:g}) for the trials that train the box head or the RPN", flush=True)
+        draws.append(TrialDraw(start=start, rows=ep.rows, rows_with_teacher=embed(ep.rows) if embed else None,
+                               seed=seed, pseudo_rows=pseudo, pseudo_rows_with_teacher=pseudo_t))
     val = load_eval_split(prep.catalog, prep.dataset, "val", list(prep.parent.classes), prep.classes,
                           max_images=opts.val_images)
     seen = {a["category_id"] for a in val.gt.get("annotations", [])}
@@ -313,7 +326,8 @@ def run_tune(opts: TuneOptions) -> TuneResult:
         tracking.log_params({
             "dataset": prep.dataset, "classes": prep.classes, "shots": opts.shots, "seed": opts.seed,
             "draws": opts.draws,
-            "freeze": opts.freeze, "batch_size": opts.batch_size, "metric": opts.metric, "tune_split": "val",
+            "freeze": opts.freeze, "pseudo_labels": "off" if opts.pseudo_labels is None else opts.pseudo_labels,
+            "batch_size": opts.batch_size, "metric": opts.metric, "tune_split": "val",
             "parent_version": prep.parent_version.version, "val_images": len(payload.val.rows),
             "num_samples": opts.num_samples, "max_concurrent": opts.max_concurrent,
             "cpus_per_trial": cpus, "gpus_per_trial": opts.cluster.gpus, "precision": opts.cluster.precision,
@@ -395,11 +409,16 @@ def compare_configs(prep: _Prepared, opts: TuneOptions, best_config: dict,
     jobs = {}
     for seed in seeds:
         ep = sample_episode(prep.catalog, prep.parent, prep.classes, opts.shots, seed, dataset=prep.dataset)
+        labelled = None
         for name, (cfg, method) in setups.items():
-            this = ep
+            rows = ep.rows
+            if opts.pseudo_labels is not None and method.freeze != "head":  # as add_classes trains it
+                if labelled is None:
+                    labelled = pseudo_label_episode(ep, opts.pseudo_labels, device=opts.cluster.device())[0]
+                rows = labelled.rows
             if method.distills:
-                this = replace(ep, novel_rows=embedder(ep.novel_rows), replay_rows=embedder(ep.replay_rows))
-            jobs[(name, seed)] = (this, cfg, method)
+                rows = embedder(rows)
+            jobs[(name, seed)] = (ep, cfg, method, rows)
     print(f"[tune] comparing best vs default on {split} ({len(test.rows)} images), seeds {seeds}: "
           f"{len(jobs)} fine-tunes", flush=True)
 
