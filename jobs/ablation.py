@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate")
     p.add_argument("--balancer-momentum", type=float, default=0.9, help="balancer smoothing")
     p.add_argument("--distill-beta", type=float, default=1.0, help="distillation weight beta")
-    p.add_argument("--pseudo-label-threshold", type=float, default=0.5,
+    p.add_argument("--pseudo-label-threshold", type=float, default=0.9,
                    help="the *-pseudo variants (and 'pseudo') add the base model's detections of its own "
                         "classes with at least this score to the support images as annotations "
                         "(fewshot.learning.pseudo_labels); chosen on val (see the README's ablation)")

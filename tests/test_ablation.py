@@ -51,7 +51,7 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
     assert by["all-pseudo"]["nAP50_unrefined"] == by["pgb-distill-pseudo"]["nAP50"]
     for name in ("baseline", "pgb", "gradnorm", "distill", "pgb-distill", "pseudo", "pgb-distill-pseudo"):
         assert by[name]["nAP50_unrefined"] == by[name]["nAP50"]
-    assert {n for n, r in by.items() if r["pseudo_label_threshold"] == 0.5} == {
+    assert {n for n, r in by.items() if r["pseudo_label_threshold"] == 0.9} == {
         "pseudo", "pgb-distill-pseudo", "all-pseudo"}
 
 

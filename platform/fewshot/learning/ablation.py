@@ -92,7 +92,7 @@ class UnitSpec:
     balancer_momentum: float = 0.9
     distill_beta: float = 1.0
     teacher_spec: str | None = None
-    pseudo_label_threshold: float = 0.5   # the pseudo variants' score threshold
+X
     test_images: int | None = 150
     val_images: int | None = 100
     gpus: float = 0.0           # the task holds this many GPUs: run on its CUDA device (else the CPU)

@@ -5,8 +5,10 @@ What one search does (``jobs/tune.py`` is the command line):
 
 1. On the driver: resolve ``models:/NAME@champion``, draw the K-shot support sets of the new
    classes (:func:`fewshot.learning.episode.sample_episode`, seed ``seed``), imprint the new classifier
-   rows (:func:`fewshot.learning.episode.expand_parent`), embed the support boxes with the CLIP teacher
-   once (for the trials that distil), and load the first ``val_images`` images of the **val**
+   rows (:func:`fewshot.learning.episode.expand_parent`), add the parent's old-class pseudo-labels
+   to a copy of the support rows (``pseudo_labels``, for the trials whose freeze policy trains
+   more than the new rows, as add_classes does; :mod:`fewshot.learning.pseudo_labels`), embed the
+   support boxes with the CLIP teacher once (for the trials that distil), and load the first ``val_images`` images of the **val**
    split (the test split is never looked at while searching). All of it travels to the trials
    through the object store (``tune.with_parameters``), so trials need no shared disk.
 2. Every trial (:func:`fewshot.backends.ray_tune.run_trial`, one Ray actor holding ``cpus_per_trial`` CPUs) fine-tunes
