@@ -92,7 +92,7 @@ class UnitSpec:
     balancer_momentum: float = 0.9
     distill_beta: float = 1.0
     teacher_spec: str | None = None
-X
+    pseudo_label_threshold: float = 0.9   # the pseudo variants' score threshold (add_classes' default)
     test_images: int | None = 150
     val_images: int | None = 100
     gpus: float = 0.0           # the task holds this many GPUs: run on its CUDA device (else the CPU)
