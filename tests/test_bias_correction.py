@@ -134,7 +134,7 @@ def _report(b50: float, n50: float = 0.3) -> EvalReport:
     return EvalReport(bAP=b50, bAP50=b50, nAP=n50, nAP50=n50, HM=math.nan, HM50=math.nan)
 
 
-def test_the_rule_takes_the_smallest_correction_within_the_drop_else_the_best_base():
+def test_the_rule_takes_the_smallest_correction_within_the_drop_else_the_best_balance():
     reports = {0.0: _report(0.50), -1.0: _report(0.55), -2.0: _report(0.58), -4.0: _report(0.59)}
     assert choose_offset(reports, parent_bAP50=0.60, max_base_drop=0.01) == (-4.0, True)
     assert choose_offset(reports, parent_bAP50=0.60, max_base_drop=0.05) == (-1.0, True)
@@ -142,6 +142,11 @@ def test_the_rule_takes_the_smallest_correction_within_the_drop_else_the_best_ba
     assert choose_offset(reports, parent_bAP50=0.70, max_base_drop=0.01) == (-4.0, False)
     tie = {0.0: _report(0.4), -1.0: _report(0.5), -3.0: _report(0.5)}
     assert choose_offset(tie, parent_bAP50=0.9, max_base_drop=0.01) == (-1.0, False)
+    # the rule out of reach (the box head moved): the best balance of old and new, not the best
+    # base bought by wiping the new classes out
+    moved = {0.0: _report(0.70, 0.45), -1.0: _report(0.72, 0.45), -3.0: _report(0.73, 0.20),
+             -6.0: _report(0.74, 0.0)}
+    assert choose_offset(moved, parent_bAP50=0.79, max_base_drop=0.01) == (-1.0, False)
 
 
 def test_as_served_the_rule_skips_offsets_the_detector_rule_refuses_and_asks_served_lazily():

@@ -7,8 +7,11 @@ out too large against the old ones. Here ``alpha = 1`` (the cosine classifier pu
 one scale already, :mod:`fewshot.model.cosine_head`) and ``beta`` is a logit offset on the new
 rows, chosen from a grid on the val split by the rule a continual detector needs: **the
 smallest correction that keeps the old classes' AP50 within ``max_base_drop`` of the parent's**
-(the parent scored alone on the same images); when no offset reaches that, the one with the
-best old-class AP50.
+(the parent scored alone on the same images). When no offset reaches that, the base loss is
+not (only) the new rows' doing — under ``--freeze backbone`` the box head moved too — and the
+offset with the best harmonic mean of old- and new-class AP50 is taken: the earlier fallback,
+the best old-class AP50 alone, picked -6 on the 4x base with a tuned ``--freeze backbone``
+config and registered a child whose new classes scored nAP50 0.000 (README *Tuning*).
 
 When the version is served with CLIP refinement (:mod:`fewshot.clip.refinement`), the rule is
 judged on what a user gets: the smallest correction that keeps the old classes' AP50 **as
@@ -39,7 +42,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fewshot.metrics.coco_eval import EvalReport, EvalSplit, coco_results, run_over_rows
+from fewshot.metrics.coco_eval import EvalReport, EvalSplit, coco_results, harmonic_mean, run_over_rows
 from fewshot.model.trunk_cache import TrunkCache
 
 DEFAULT_OFFSETS = (0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, -8.0)
@@ -132,8 +135,10 @@ def choose_offset(reports: Mapping[float, EvalReport], parent_bAP50: float,
                   max_base_drop: float, *, served_bAP50: Callable[[float], float] | None = None,
                   parent_served_bAP50: float | None = None,
                   max_detector_drop: float | None = None) -> tuple[float, bool]:
-    """The offset closest to zero that meets the rule; else the one with the best bAP50 (closest
-    to zero on ties). ``reports``: the detector's figures per offset (AP50 as fractions).
+    """The offset closest to zero that meets the rule; else the one with the best harmonic mean
+    of bAP50 and nAP50 (closest to zero on ties), so a correction that cannot bring the base
+    back does not trade the new classes away for it. ``reports``: the detector's figures per
+    offset (AP50 as fractions).
 
     Without ``served_bAP50`` the rule is: bAP50 within ``max_base_drop`` of ``parent_bAP50``.
     With it (the version is served refined) an offset meets the rule when the detector's bAP50
@@ -153,7 +158,7 @@ def choose_offset(reports: Mapping[float, EvalReport], parent_bAP50: float,
                 continue
             if served_bAP50(offset) >= parent_served_bAP50 - max_base_drop - 1e-9:
                 return offset, True
-    return max(by_size, key=lambda o: (reports[o].bAP50, -abs(o))), False
+    return max(by_size, key=lambda o: (harmonic_mean(reports[o].bAP50, reports[o].nAP50), -abs(o))), False
 
 
 def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Sequence[int],

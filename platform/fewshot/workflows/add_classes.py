@@ -620,7 +620,7 @@ def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, pa
     row = next(r for r in choice.table if r["offset"] == choice.offset)
     print(f"new rows' logit offset {choice.offset:g}: val bAP50 {row['bAP50']:.4f} nAP50 {row['nAP50']:.4f}"
           + (f", as served {row['served_bAP50']:.4f}" if "served_bAP50" in row else "")
-          + ("" if choice.met else " (no offset tried meets the rule; the best base AP50)"), flush=True)
+          + ("" if choice.met else " (no offset tried meets the rule; the best balance of base and new AP50)"), flush=True)
     return load_checkpoint(path), tags, choice.results, refiners.get(choice.offset)
 
 
