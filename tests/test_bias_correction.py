@@ -147,6 +147,9 @@ def test_the_rule_takes_the_smallest_correction_within_the_drop_else_the_best_ba
     moved = {0.0: _report(0.70, 0.45), -1.0: _report(0.72, 0.45), -3.0: _report(0.73, 0.20),
              -6.0: _report(0.74, 0.0)}
     assert choose_offset(moved, parent_bAP50=0.79, max_base_drop=0.01) == (-1.0, False)
+    # no new-class box on val (nAP50 undefined): the best base AP50, as before
+    blind = {o: _report(r.bAP50, math.nan) for o, r in moved.items()}
+    assert choose_offset(blind, parent_bAP50=0.79, max_base_drop=0.01) == (-6.0, False)
 
 
 def test_as_served_the_rule_skips_offsets_the_detector_rule_refuses_and_asks_served_lazily():

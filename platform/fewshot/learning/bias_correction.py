@@ -158,7 +158,11 @@ def choose_offset(reports: Mapping[float, EvalReport], parent_bAP50: float,
                 continue
             if served_bAP50(offset) >= parent_served_bAP50 - max_base_drop - 1e-9:
                 return offset, True
-    return max(by_size, key=lambda o: (harmonic_mean(reports[o].bAP50, reports[o].nAP50), -abs(o))), False
+    def balance(o: float) -> float:   # base AP50 alone when val holds no new-class box (nAP50 NaN)
+        hm = harmonic_mean(reports[o].bAP50, reports[o].nAP50)
+        return reports[o].bAP50 if math.isnan(hm) else hm
+
+    return max(by_size, key=lambda o: (balance(o), -abs(o))), False
 
 
 def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Sequence[int],
