@@ -22,24 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _draw_args import episode_parser  # noqa: E402
 
 VARIANTS = ("baseline", "pgb", "gradnorm", "distill")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="base detector.pt over split1's base classes")
-    p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-quality-catalog"),
-                   help="catalog holding the embedded world (built there if missing)")
+    p = episode_parser(__doc__)
     p.add_argument("--teacher", default="", help="teacher spec for the distill variant (omit: no distill)")
     p.add_argument("--shots", default="1,5,10", help="comma-separated K, one draw each")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw")

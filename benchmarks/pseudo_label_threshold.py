@@ -25,23 +25,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _draw_args import episode_parser  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="the parent detector (a fewshot checkpoint file)")
-    p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-quality-catalog"),
-                   help="catalog holding the embedded world (base_detector_budget.py builds it there)")
+    p = episode_parser(__doc__)
     p.add_argument("--class-split", default="split1", help="whose novel classes are added")
     p.add_argument("--shots", type=int, default=5, help="K")
     p.add_argument("--seed", type=int, default=10, help="the K-shot draw (the ablation uses 0-9)")

@@ -11,24 +11,21 @@ RPN's loss no longer draws anchors), so the figures agree within that noise, not
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _draw_args import episode_parser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a base detector.pt over split1's base classes")
-    p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-quality-catalog"),
-                   help="catalog holding the embedded world (built there if missing)")
+    p = episode_parser(__doc__)
     p.add_argument("--shots", type=int, default=5, help="K of the draw")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw")
     p.add_argument("--variants", default="baseline,pgb,gradnorm", help="variants fine-tuned per draw")
