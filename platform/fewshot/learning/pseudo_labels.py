@@ -37,7 +37,6 @@ from torch import Tensor
 from torchvision.ops import box_iou, nms
 
 from fewshot.metrics.coco_eval import run_over_rows
-from fewshot.model.trunk_cache import TrunkCache
 
 __all__ = ["PseudoLabelStats", "select_pseudo_boxes", "pseudo_label_rows"]
 
@@ -49,11 +48,6 @@ class PseudoLabelStats:
     images: int
     annotated: int
     added: int
-    threshold: float
-
-    def as_dict(self) -> dict:
-        return {"images": self.images, "annotated": self.annotated, "added": self.added,
-                "threshold": self.threshold}
 
 
 def select_pseudo_boxes(boxes: Tensor, labels: Tensor, scores: Tensor, annotated: Tensor,
@@ -79,35 +73,28 @@ def select_pseudo_boxes(boxes: Tensor, labels: Tensor, scores: Tensor, annotated
 
 def pseudo_label_rows(model: torch.nn.Module, rows: Sequence[Mapping], category_ids: Sequence[int],
                       threshold: float, *, iou: float = 0.5, batch_size: int = 8,
-                      device: str | torch.device | None = None, precision: str = "fp32",
-                      trunk_cache: TrunkCache | None = None) -> tuple[list[dict], PseudoLabelStats]:
+                      device: str | torch.device | None = None, precision: str = "fp32"
+                      ) -> tuple[list[dict], PseudoLabelStats]:
     """``rows`` with the parent's confident detections added as annotations.
 
     ``model``: the parent detector, whose label ``i`` (1-based, torchvision's) is the catalog
     category ``category_ids[i - 1]``. Rows come back in the same order, as new dicts (the
-    input is not changed); added boxes are never crowd. ``device``/``precision``/
-    ``trunk_cache``: see :func:`fewshot.metrics.coco_eval.run_over_rows`."""
+    input is not changed); added boxes are never crowd. ``device``/``precision``: see
+    :func:`fewshot.metrics.coco_eval.run_over_rows` (which runs the rows in order)."""
     rows = list(rows)
-    added: dict[int, tuple[list, list]] = {}
+    out: list[dict] = []
 
     def collect(batch, _images, outputs):
-        for row, out in zip(batch, outputs):
+        for row, det in zip(batch, outputs):
             have = torch.tensor(row["boxes"], dtype=torch.float32).reshape(-1, 4)
-            boxes, labels = select_pseudo_boxes(out["boxes"].detach().cpu(), out["labels"].cpu(),
-                                                out["scores"].detach().cpu(), have, threshold, iou)
-            added[id(row)] = (boxes.tolist(), [int(category_ids[int(l) - 1]) for l in labels])
+            boxes, labels = select_pseudo_boxes(det["boxes"].detach().cpu(), det["labels"].cpu(),
+                                                det["scores"].detach().cpu(), have, threshold, iou)
+            cats = [int(category_ids[int(l) - 1]) for l in labels]
+            out.append({**row, "boxes": list(row["boxes"]) + boxes.tolist(),
+                        "category_ids": list(row["category_ids"]) + cats,
+                        "iscrowd": list(row["iscrowd"]) + [False] * len(cats)})
 
-    was_training = model.training
-    run_over_rows(model, rows, collect, batch_size, device=device, precision=precision,
-                  trunk_cache=trunk_cache)
-    model.train(was_training)
-    out, n_added, n_annotated = [], 0, 0
-    for row in rows:
-        boxes, cats = added.get(id(row), ([], []))
-        n_added += len(boxes)
-        n_annotated += len(row["category_ids"])
-        out.append({**row, "boxes": list(row["boxes"]) + boxes,
-                    "category_ids": list(row["category_ids"]) + cats,
-                    "iscrowd": list(row["iscrowd"]) + [False] * len(cats)})
-    return out, PseudoLabelStats(images=len(rows), annotated=n_annotated, added=n_added,
-                                 threshold=float(threshold))
+    run_over_rows(model, rows, collect, batch_size, device=device, precision=precision)
+    annotated = sum(len(r["category_ids"]) for r in rows)
+    added = sum(len(r["category_ids"]) for r in out) - annotated
+    return out, PseudoLabelStats(images=len(rows), annotated=annotated, added=added)
