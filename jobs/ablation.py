@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fewshot.learning.freezing import POLICIES
     from fewshot.backends.registry import DEFAULT_MODEL_NAME
     from fewshot.model.devices import PRECISIONS
+    from fewshot.learning.parent_distillation import DEFAULT_PARENT_DISTILL
 
     p = argparse.ArgumentParser(
         description="Ablation of the seed methods on a class split: every variant fine-tunes the "
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the *-pseudo variants (and 'pseudo') add the base model's detections of its own "
                         "classes with at least this score to the support images as annotations "
                         "(fewshot.learning.pseudo_labels); chosen on val (see the README's ablation)")
+    p.add_argument("--parent-distill", type=float, default=DEFAULT_PARENT_DISTILL,
+                   help="the *-parent variants hold the old classes' outputs to the base model's with this "
+                        "weight lambda (fewshot.learning.parent_distillation; add_classes' default, chosen on val)")
+    p.add_argument("--bias-correction", type=float, default=0.01,
+                   help="also score every variant after add_classes' bias correction: the new rows' logit "
+                        "offset chosen on the val images as the smallest keeping val bAP50 within this much of "
+                        "the base model's (0.01: one point); a negative value turns it off")
     p.add_argument("--test-images", type=int, default=150, help="test images scored per draw")
     p.add_argument("--val-images", type=int, default=100,
                    help="val images the refinement fusion weight is chosen on")
@@ -95,8 +103,9 @@ def resolve_parent(args, work: Path):
     return load_checkpoint(path), f"models:/{args.model_name}/{version}"
 
 
-def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[str, list[dict]]:
-    """The markdown table and its cells (mean and 95% CI of nAP50 and bAP50, in points)."""
+def summarize(rows: list[dict], variants: list[str], shots: list[int], suffix: str = "") -> tuple[str, list[dict]]:
+    """The markdown table and its cells (mean and 95% CI of nAP50 and bAP50, in points);
+    ``suffix="_corrected"``: the figures after bias correction."""
     from fewshot.metrics.stats import mean_ci95
 
     cells = []
@@ -106,8 +115,8 @@ def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[
         parts = []
         for k in shots:
             sel = [r for r in rows if r["variant"] == v and r["shots"] == k]
-            n = mean_ci95(r["nAP50"] for r in sel)
-            b = mean_ci95(r["bAP50"] for r in sel)
+            n = mean_ci95(r["nAP50" + suffix] for r in sel)
+            b = mean_ci95(r["bAP50" + suffix] for r in sel)
             cells.append({"variant": v, "shots": k, "nAP50": n, "bAP50": b})
             parts += [n.format(), b.format()]
         lines.append(f"| {v} | " + " | ".join(parts) + " |")
@@ -115,24 +124,27 @@ def summarize(rows: list[dict], variants: list[str], shots: list[int]) -> tuple[
 
 
 def verdicts(rows: list[dict], cells: list[dict], shots: list[int],
-             parent_bAP50: float | None = None) -> list[str]:
+             parent_bAP50: float | None = None, suffix: str = "") -> list[str]:
     """The issue's goals, checked per shot count: the full method against 'baseline' as the two
     intervals and as the paired difference over the same draws (same seed, same support set):
     'all' (with refinement) and 'pgb-distill' (its detector unrefined: the detector's own
     learning), and the same with old-class pseudo-labels ('pseudo' alone, 'pgb-distill-pseudo',
-    'all-pseudo'); with ``parent_bAP50``, each variant's bAP50 against the parent's."""
+    'all-pseudo') and with parent distillation ('parent', 'pseudo-parent', 'pgb-distill-pseudo-parent');
+    with ``parent_bAP50``, each variant's bAP50 against the parent's. ``suffix``: as in :func:`summarize`."""
     from fewshot.metrics.stats import mean_ci95
 
     out = []
     get = {(c["variant"], c["shots"]): c for c in cells}
     by = {(r["variant"], r["shots"], r["seed"]): r for r in rows}
     for k in shots:
-        for full in ("all", "pgb-distill", "pseudo", "pgb-distill-pseudo", "all-pseudo"):
+        for full in ("all", "pgb-distill", "pseudo", "pgb-distill-pseudo", "all-pseudo", "parent",
+                     "pseudo-parent", "pgb-distill-pseudo-parent"):
             a, b = get.get((full, k)), get.get(("baseline", k))
             if a is None or b is None:
                 continue
             seeds = sorted({s for (v, kk, s) in by if v == full and kk == k and ("baseline", k, s) in by})
-            paired = {m: mean_ci95(by[(full, k, s)][m] - by[("baseline", k, s)][m] for s in seeds)
+            paired = {m: mean_ci95(by[(full, k, s)][m + suffix] - by[("baseline", k, s)][m + suffix]
+                                   for s in seeds)
                       for m in ("nAP50", "bAP50")}
             sep = "non-overlapping" if not a["nAP50"].overlaps(b["nAP50"]) else "overlapping"
             out.append(f"{k}-shot: {full} - baseline = {paired['nAP50'].format()} nAP50 (paired over "
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                       shots=k, seed=s, variants=tuple(variants), train=cfg, freeze=args.freeze,
                       balancer_momentum=args.balancer_momentum, distill_beta=args.distill_beta,
                       teacher_spec=args.teacher, pseudo_label_threshold=args.pseudo_label_threshold,
+                      parent_distill=args.parent_distill,
+                      bias_correction=args.bias_correction if args.bias_correction >= 0 else None,
                       test_images=args.test_images,
                       val_images=args.val_images, gpus=gpus, precision=args.precision)
              for k in shots for s in range(args.seeds)]
@@ -229,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
 
     table, cells = summarize(rows, variants, shots)
     notes = verdicts(rows, cells, shots, parent_bAP50)
+    if args.bias_correction >= 0:
+        corrected, corrected_cells = summarize(rows, variants, shots, "_corrected")
+        met = sum(bool(r["rule_met"]) for r in rows)
+        table += (f"\n\nafter bias correction (offset chosen on {args.val_images} val images: the smallest "
+                  f"keeping val bAP50 within {100 * args.bias_correction:g} point(s) of the base model's; "
+                  f"met in {met} of {len(rows)} rows):\n\n" + corrected)
+        notes += [f"corrected: {n}" for n in verdicts(rows, corrected_cells, shots, parent_bAP50, "_corrected")]
     print("\nmean nAP50 / bAP50 in points, ± the 95% confidence interval over "
           f"{args.seeds} seeds ({args.test_images} test images each):\n")
     print(table)
@@ -242,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                              "variants": variants, "teacher": args.teacher, "freeze": args.freeze,
                              "distill_beta": args.distill_beta,
                              "pseudo_label_threshold": args.pseudo_label_threshold, "test_images": args.test_images,
+                             "parent_distill": args.parent_distill, "bias_correction": args.bias_correction,
                              "val_images": args.val_images, "base_model": parent_ref,
                              "parent_test_bAP50": round(parent_bAP50, 4),
                              "gpus_per_task": gpus, "precision": args.precision,

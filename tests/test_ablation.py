@@ -52,7 +52,15 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
     for name in ("baseline", "pgb", "gradnorm", "distill", "pgb-distill", "pseudo", "pgb-distill-pseudo"):
         assert by[name]["nAP50_unrefined"] == by[name]["nAP50"]
     assert {n for n, r in by.items() if r["pseudo_label_threshold"] == 0.9} == {
-        "pseudo", "pgb-distill-pseudo", "all-pseudo"}
+        "pseudo", "pgb-distill-pseudo", "all-pseudo", "pseudo-parent", "pgb-distill-pseudo-parent"}
+    assert {n for n, r in by.items() if r["parent_distill"] > 0} == {
+        "parent", "pseudo-parent", "pgb-distill-pseudo-parent"}
+    # every row is also scored after add_classes' bias correction, chosen on val against the parent
+    for r in rows:
+        assert r["offset"] <= 0 and isinstance(r["rule_met"], bool)
+        assert 0.0 <= r["bAP50_corrected"] <= 1.0 and 0.0 <= r["parent_val_bAP50"] <= 1.0
+        if r["offset"] == 0.0:   # no correction: the uncorrected detector's figures
+            assert r["bAP50_corrected"] == r["bAP50_unrefined"]
 
 
 @pytest.mark.integration
@@ -75,6 +83,8 @@ def test_ablation_job_logs_the_table(tiny_catalog, base_checkpoint, tiny_teacher
     assert "| variant | 1-shot nAP50 | 1-shot bAP50 |" in text and "| all |" in text
     assert "1-shot: all - baseline" in text
     assert "1-shot: bAP50 - parent's (" in text and "parent bAP50 " in text
+    assert "after bias correction (offset chosen on 5 val images" in text
+    assert "corrected: 1-shot: all - baseline" in text
     assert out.read_text().startswith("| variant |")
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("fewshot-ablation")

@@ -2,20 +2,23 @@
 
 Variants (issue "The seed methods"; MTL-FSOD, ECCV 2024; arXiv 2509.23915):
 
-==================  ======================  ============  ==========  =============
-variant             balancer                distillation  refinement  pseudo-labels
-==================  ======================  ============  ==========  =============
-baseline            fixed weights (1, 1)    no            no          no
-pgb                 precision-driven (PGB)  no            no          no
-gradnorm            inverse gradient norm   no            no          no
-distill             fixed                   beta          no          no
-pgb-distill         PGB                     beta          no          no
-refine              fixed (baseline's)      no            yes         no
-all                 PGB                     beta          yes         no
-pseudo              fixed                   no            no          yes
-pgb-distill-pseudo  PGB                     beta          no          yes
-all-pseudo          PGB                     beta          yes         yes
-==================  ======================  ============  ==========  =============
+=========================  ======================  ============  ==========  =============  ======
+variant                    balancer                distillation  refinement  pseudo-labels  parent
+=========================  ======================  ============  ==========  =============  ======
+baseline                   fixed weights (1, 1)    no            no          no             no
+pgb                        precision-driven (PGB)  no            no          no             no
+gradnorm                   inverse gradient norm   no            no          no             no
+distill                    fixed                   beta          no          no             no
+pgb-distill                PGB                     beta          no          no             no
+refine                     fixed (baseline's)      no            yes         no             no
+all                        PGB                     beta          yes         no             no
+pseudo                     fixed                   no            no          yes            no
+pgb-distill-pseudo         PGB                     beta          no          yes            no
+all-pseudo                 PGB                     beta          yes         yes            no
+parent                     fixed                   no            no          no             lambda
+pseudo-parent              fixed                   no            no          yes            lambda
+pgb-distill-pseudo-parent  PGB                     beta          no          yes            lambda
+=========================  ======================  ============  ==========  =============  ======
 
 ``pgb-distill`` is ``all``'s detector without refinement: the detector's own learning under
 the full method. The ``pseudo`` variants fine-tune on the support images with the parent's
@@ -23,14 +26,21 @@ confident detections of the old classes added as annotations
 (:mod:`fewshot.learning.pseudo_labels`, score ``>= UnitSpec.pseudo_label_threshold``): the
 K-shot sampler leaves most old-class objects of those images unannotated, so without them a
 fine-tune that trains the box head learns that old objects are background. They are not one of
-the seed methods; they are listed so the table shows what each of them adds on its own. Every row also carries ``nAP50_unrefined``/``bAP50_unrefined`` (the same
+the seed methods; they are listed so the table shows what each of them adds on its own. The ``parent`` variants
+hold the old classes' outputs to the parent's while the box head trains (weight
+``UnitSpec.parent_distill``, :mod:`fewshot.learning.parent_distillation`). Every row also carries ``nAP50_unrefined``/``bAP50_unrefined`` (the same
 model scored without refinement; equal to ``nAP50``/``bAP50`` for unrefined variants).
 
 One unit = one K-shot draw (``shots``, ``seed``) of the new classes: every variant fine-tunes
 the same expanded parent on the same support rows with the same seed, so the variants differ
 only by the method. Variants that train alike share the trained model (``refine`` is the
 baseline's model with CLIP refinement; its fusion weight is chosen on val, never on test).
-Figures are bAP50/nAP50 (and bAP/nAP) on the first ``test_images`` of the test split.
+Figures are bAP50/nAP50 (and bAP/nAP) on the first ``test_images`` of the test split. With ``UnitSpec.bias_correction``
+every row also carries the figures after the bias correction add_classes applies
+(:mod:`fewshot.learning.bias_correction`: the new rows' logit offset chosen on the first
+``val_images`` of val by the rule "smallest offset keeping val bAP50 within ``bias_correction``
+of the parent's"): ``offset``, ``rule_met``, ``bAP50_corrected``, ``nAP50_corrected``, ``HM50_corrected``
+(of the detector, unrefined).
 
 Math layer: no ray, no mlflow.
 """
@@ -45,7 +55,9 @@ from fewshot.learning.episode import (
     expand_parent, fine_tune_episode, predict, pseudo_label_episode, sample_episode, score,
 )
 from fewshot.metrics.coco_eval import load_eval_split
+from fewshot.learning.bias_correction import collect_second_stage, detections_with_offset, fit_new_row_offset
 from fewshot.learning.method import MethodConfig
+from fewshot.learning.parent_distillation import DEFAULT_PARENT_DISTILL
 from fewshot.learning.loop import TrainConfig
 from fewshot.model.devices import resolve_device, resolve_precision
 from fewshot.model.trunk_cache import TrunkCache, use_trunk_cache
@@ -57,10 +69,11 @@ class Variant:
     distill: bool = False
     refine: bool = False
     pseudo_labels: bool = False
+    parent_distill: bool = False
 
     @property
-    def training_key(self) -> tuple[str, bool, bool]:
-        return (self.balancer, self.distill, self.pseudo_labels)
+    def training_key(self) -> tuple[str, bool, bool, bool]:
+        return (self.balancer, self.distill, self.pseudo_labels, self.parent_distill)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -74,6 +87,9 @@ VARIANTS: dict[str, Variant] = {
     "pseudo": Variant(pseudo_labels=True),
     "pgb-distill-pseudo": Variant(balancer="pgb", distill=True, pseudo_labels=True),
     "all-pseudo": Variant(balancer="pgb", distill=True, refine=True, pseudo_labels=True),
+    "parent": Variant(parent_distill=True),
+    "pseudo-parent": Variant(pseudo_labels=True, parent_distill=True),
+    "pgb-distill-pseudo-parent": Variant(balancer="pgb", distill=True, pseudo_labels=True, parent_distill=True),
 }
 
 
@@ -93,6 +109,8 @@ class UnitSpec:
     distill_beta: float = 1.0
     teacher_spec: str | None = None
     pseudo_label_threshold: float = 0.9   # the pseudo variants' score threshold (add_classes' default)
+    parent_distill: float = DEFAULT_PARENT_DISTILL   # lambda of the parent variants (add_classes' default)
+    bias_correction: float | None = 0.01  # also score after add_classes' bias correction (None: off)
     test_images: int | None = 150
     val_images: int | None = 100
     gpus: float = 0.0           # the task holds this many GPUs: run on its CUDA device (else the CPU)
@@ -136,7 +154,8 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
     cache = TrunkCache() if spec.trunk_cache and use_trunk_cache(spec.freeze, device) else None
 
     labelled = None   # the episode with old-class pseudo-labels, made once for every pseudo variant
-    trained: dict[tuple[str, bool, bool], tuple[DetectorCheckpoint, list[dict]]] = {}
+    trained: dict[tuple, tuple[DetectorCheckpoint, list[dict], dict]] = {}
+    parent_val_bAP50 = None   # the bias correction's reference, computed once
     rows = []
     for name in spec.variants:
         v = VARIANTS[name]
@@ -144,7 +163,8 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
             method = MethodConfig(freeze=spec.freeze, balancer=v.balancer,
                                   balancer_momentum=spec.balancer_momentum,
                                   distill_beta=spec.distill_beta if v.distill else 0.0,
-                                  teacher_dim=teacher.embed_dim if teacher is not None else None)
+                                  teacher_dim=teacher.embed_dim if teacher is not None else None,
+                                  parent_distill=spec.parent_distill if v.parent_distill else 0.0)
             train_ep = ep
             if v.pseudo_labels:
                 if labelled is None:
@@ -156,9 +176,23 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
             say(f"{spec.shots}-shot seed {spec.seed}: training {name}")
             child = fine_tune_episode(train_ep, spec.train, method, start=start, teacher=teacher,
                                       device=device, precision=precision, trunk_cache=cache)
-            trained[v.training_key] = (child, predict(child, test, device=device, precision=precision,
-                                                      trunk_cache=cache))
-        child, test_results = trained[v.training_key]
+            model = child.build_model().to(device).eval()
+            stages = collect_second_stage(model, test.rows, device=device, precision=precision, trunk_cache=cache)
+            first_new = len(parent.classes) + 1
+            test_results = detections_with_offset(model, stages, first_new, 0.0, ep.child_ids)
+            corrected = {}
+            if spec.bias_correction is not None:
+                if parent_val_bAP50 is None:
+                    parent_val_bAP50 = score(parent, val, device=device, precision=precision,
+                                             trunk_cache=cache).bAP50
+                choice = fit_new_row_offset(model, val, ep.child_ids, parent_val_bAP50, spec.bias_correction,
+                                            device=device, precision=precision, trunk_cache=cache)
+                fixed = test.evaluate(detections_with_offset(model, stages, first_new, choice.offset, ep.child_ids))
+                corrected = {"offset": choice.offset, "rule_met": choice.met, "bAP50_corrected": fixed.bAP50,
+                             "nAP50_corrected": fixed.nAP50, "HM50_corrected": fixed.HM50,
+                             "parent_val_bAP50": parent_val_bAP50}
+            trained[v.training_key] = (child, test_results, corrected)
+        child, test_results, corrected = trained[v.training_key]
         fusion_weight = None
         unrefined = score(child, test, results=test_results)
         report = unrefined
@@ -174,5 +208,6 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                      "bAP50": report.bAP50, "nAP50": report.nAP50, "bAP": report.bAP,
                      "nAP": report.nAP, "HM50": report.HM50, "fusion_weight": fusion_weight,
                      "bAP50_unrefined": unrefined.bAP50, "nAP50_unrefined": unrefined.nAP50,
-                     "pseudo_label_threshold": spec.pseudo_label_threshold if v.pseudo_labels else None})
+                     "pseudo_label_threshold": spec.pseudo_label_threshold if v.pseudo_labels else None,
+                     "parent_distill": spec.parent_distill if v.parent_distill else 0.0, **corrected})
     return rows

@@ -11,7 +11,9 @@ the model a run trains:
    gradient-norm scaling; see :mod:`fewshot.balancers`), with the per-batch precision
    observer the PGB needs;
 3. a distillation head on the RoI feature with weight beta (ViLD-image, see
-   :mod:`fewshot.clip.distillation`), trained with the model.
+   :mod:`fewshot.clip.distillation`), trained with the model;
+4. distillation of the old classes' outputs from the parent with weight lambda (Shmelkov et
+   al. 2017, :mod:`fewshot.learning.parent_distillation`): what the child must not forget.
 
 The balancer and the distillation head are training-time only: a saved detector never holds
 them (:func:`fewshot.model.checkpoint.save_checkpoint` drops the head's weights), so a served model
@@ -24,6 +26,7 @@ Math layer: no ray, no mlflow.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Mapping, Sequence
 
@@ -38,6 +41,7 @@ from fewshot.model.trunk_cache import TrunkCache, cached_trunk
 from fewshot.clip.distillation import DistillationHead, attach_distillation, roi_feature_dim
 from fewshot.balancers import balancer_names
 from fewshot.learning.freezing import POLICIES, apply_freezing
+from fewshot.learning.parent_distillation import BOX_HEAD_TRAINS, DEFAULT_PARENT_DISTILL, attach_parent_distillation
 from fewshot.learning.loop import TrainConfig, make_optimizer, train
 
 # Names the CLI offers: the balancer registry's, read once (fewshot.balancers adds each method).
@@ -51,7 +55,9 @@ class MethodConfig:
     ``balancer``: ``None`` (plain summed losses), ``fixed``, ``pgb`` or ``gradnorm``;
     ``balancer_momentum``: EMA smoothing of the balancer's weights (PGB) or norms
     (gradient-norm); ``distill_beta``: weight beta of the distillation loss (0: off);
-    ``teacher_dim``: the teacher's embedding width (needed when beta > 0)."""
+    ``teacher_dim``: the teacher's embedding width (needed when beta > 0); ``parent_distill``:
+    weight lambda of the old-class output distillation from the expanded parent (0: off;
+    :mod:`fewshot.learning.parent_distillation`)."""
 
     freeze: str = "head"
     balancer: str | None = None
@@ -59,6 +65,7 @@ class MethodConfig:
     distill_beta: float = 0.0
     teacher_dim: int | None = None
     distill_hidden: int | None = None
+    parent_distill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.freeze not in POLICIES:
@@ -69,6 +76,8 @@ class MethodConfig:
             raise ValueError(f"balancer momentum must be in [0, 1), got {self.balancer_momentum}")
         if self.distill_beta < 0:
             raise ValueError(f"distillation weight beta must be >= 0, got {self.distill_beta}")
+        if not (self.parent_distill >= 0 and math.isfinite(self.parent_distill)):
+            raise ValueError(f"parent distillation weight must be finite and >= 0, got {self.parent_distill}")
         if self.distill_beta > 0 and not self.teacher_dim:
             raise ValueError("distillation (beta > 0) needs the teacher's embedding width (teacher_dim)")
 
@@ -115,6 +124,12 @@ class MethodOptions:
     refine: bool = True
     """With --teacher, fit CLIP score refinement: the fusion weight is chosen on the val split,
     stored with the version, and Serve applies it."""
+    parent_distill: float | None = DEFAULT_PARENT_DISTILL
+    """Weight lambda of the distillation of the old classes' outputs (logits and box deltas on
+    the sampled RoIs) from the parent, Shmelkov et al. 2017, so the box head that trains does
+    not drift away from what the old classes need. Applied when --freeze trains the box head
+    (backbone, none); with head or rpn the old classes' outputs cannot move, so it is skipped.
+    None or 0 turns it off."""
 
     def check(self) -> None:
         """The combinations that would silently do nothing or fail later, refused now."""
@@ -124,13 +139,21 @@ class MethodOptions:
             raise ValueError("--distill-beta > 0 needs a CLIP teacher: pass --teacher")
         if not 0.0 <= self.balancer_momentum < 1.0:
             raise ValueError(f"--balancer-momentum must be in [0, 1), got {self.balancer_momentum}")
+        if self.parent_distill is not None and not (self.parent_distill >= 0 and math.isfinite(self.parent_distill)):
+            raise ValueError(f"--parent-distill must be a finite weight >= 0 (or None), got {self.parent_distill}")
 
     def config(self, teacher_dim: int | None) -> MethodConfig:
         """The training-time method (``teacher_dim``: the loaded teacher's embedding width)."""
         return MethodConfig(freeze=self.freeze, balancer=self.balancer,
                             balancer_momentum=self.balancer_momentum,
                             distill_beta=self.distill_beta,
-                            teacher_dim=teacher_dim if self.distill_beta > 0 else None)
+                            teacher_dim=teacher_dim if self.distill_beta > 0 else None,
+                            parent_distill=self.applied_parent_distill)
+
+    @property
+    def applied_parent_distill(self) -> float:
+        """The parent distillation weight this run trains with: 0 unless the box head trains."""
+        return float(self.parent_distill or 0.0) if self.freeze in BOX_HEAD_TRAINS else 0.0
 
 
 def prepare_for_training(model: nn.Module, method: MethodConfig):
@@ -139,6 +162,8 @@ def prepare_for_training(model: nn.Module, method: MethodConfig):
     Call it on a freshly built model before the optimizer is made, so the optimizer sees the
     distillation head's parameters."""
     apply_freezing(model, method.freeze)
+    if method.parent_distill > 0:
+        attach_parent_distillation(model, method.parent_distill)
     balancer = None
     if method.balancer:
         from fewshot.balancers.observer import attach_precision_observer

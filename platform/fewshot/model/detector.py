@@ -37,6 +37,7 @@ class RoIBatch:
     image_index: torch.Tensor  # [R] which image of the batch each RoI came from
     matched_idxs: torch.Tensor  # [R] index of the matched ground-truth box within its image
     targets: list  # the batch's targets (dicts; may carry per-box extras such as teacher embeddings)
+    pooled: torch.Tensor | None = None  # [R, C, h, w] the RoI-aligned features the box head read
 
 
 class FewShotRoIHeads(RoIHeads):
@@ -51,8 +52,8 @@ class FewShotRoIHeads(RoIHeads):
                 raise ValueError("targets are required in training")
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
                 proposals, targets)
-        box_features = self.box_roi_pool(features, proposals, image_shapes)
-        box_features = self.box_head(box_features)
+        pooled = self.box_roi_pool(features, proposals, image_shapes)
+        box_features = self.box_head(pooled)
         class_logits, box_regression = self.box_predictor(box_features)
 
         result: list[dict[str, torch.Tensor]] = []
@@ -75,6 +76,7 @@ class FewShotRoIHeads(RoIHeads):
                     ).to(box_features.device),
                     matched_idxs=torch.cat(matched_idxs),
                     targets=targets,
+                    pooled=pooled,
                 )
                 for observe in self.observers:
                     observe(batch)

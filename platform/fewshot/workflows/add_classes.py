@@ -453,7 +453,8 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         )
         print(f"fine-tuning on {len(novel_rows)} novel + {len(replay_rows)} replay images "
               f"({opts.shots} shots, freeze={method.freeze}, balancer={method.balancer or 'none'}, "
-              f"distill beta={method.distill_beta:g}) ...", flush=True)
+              f"distill beta={method.distill_beta:g}, parent distillation lambda={method.parent_distill:g}) ...",
+              flush=True)
         final = ray_train.fit(spec, dataset, opts.cluster, out_dir=plan.work / "child",
                               name=f"add-{run.info.run_id[:8]}")
         clock.stop()
@@ -532,6 +533,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         clock.stop()
         clock.start("register")
         method_tags = {"balancer": method.balancer or "none", "distill_beta": f"{method.distill_beta:g}",
+                       "parent_distill": f"{method.parent_distill:g}",
                        "freeze": method.freeze, "config_source": plan.config_source,
                        "pseudo_labels": "off" if pseudo is None else f"{opts.pseudo_labels:g}:{pseudo.added}",
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,

@@ -64,7 +64,8 @@ class BaseTrainOptions:
     store: Annotated[StoreOptions, Flat] = field(default_factory=lambda: StoreOptions(experiment="fewshot-base"))
     cluster: Annotated[ClusterOptions, Flat] = field(
         default_factory=lambda: ClusterOptions(num_workers=2, cpus_per_worker=1))
-    method: Annotated[MethodOptions, Flat] = field(default_factory=lambda: MethodOptions(freeze="none"))
+    method: Annotated[MethodOptions, Flat] = field(
+        default_factory=lambda: MethodOptions(freeze="none", parent_distill=None))
     train: Annotated[TrainConfig, Flat] = field(
         default_factory=lambda: TrainConfig(steps=700, batch_size=8, lr=1e-3, warmup_steps=50))
 
@@ -81,6 +82,9 @@ class Plan:
 
 def validate(opts: BaseTrainOptions) -> Plan:
     """Every check before anything starts; raises ValueError with a clear message."""
+    if opts.method.parent_distill:
+        raise ValueError("--parent-distill holds a child to its parent's outputs; base training has no "
+                         "parent (it starts from ImageNet or random weights): drop the flag")
     opts.store.check()
     opts.cluster.check()
     opts.method.check()
