@@ -7,7 +7,9 @@ Each file is a run's ``ablation_runs.json`` artifact (MLflow, experiment ``fewsh
 ``mlflow artifacts download -r RUN -a ablation_runs.json``). Rows of the same (shots, seed) are
 the same support draw of the same parent, so a variant of one run pairs with ``--against`` of
 another. Prints, per shot count, each variant's mean ± 95% CI (nAP50, bAP50, and their
-unrefined figures when the rows carry them) and its paired difference to ``--against``.
+unrefined figures when the rows carry them) and its paired difference to ``--against``. With
+``--corrected`` the "unrefined" columns are the detector's figures after add_classes' bias
+correction (``*_corrected``, rows of runs since the parent-distillation variants).
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="comma-separated variants to report (default: all)")
     p.add_argument("--parent-bAP50", type=float, default=None,
                    help="the parent's bAP50 on the same test images, in points (prints each bAP50 - it)")
+    p.add_argument("--corrected", action="store_true",
+                   help="compare the detector's figures after bias correction (nAP50_corrected, bAP50_corrected) "
+                        "instead of its uncorrected ones")
     args = p.parse_args(argv)
     from fewshot.metrics.stats import mean_ci95
 
@@ -49,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             by[key] = r
     def unrefined(r: dict, metric: str) -> float | None:
         """The detector's own figure: recorded, or the figure itself for an unrefined row;
-        None for a refined row of an older run that did not record it."""
+        None for a refined row of an older run that did not record it; with --corrected, the
+        figure after bias correction (None when the run did not record it)."""
+        if args.corrected:
+            return r.get(f"{metric}_corrected")
         if f"{metric}_unrefined" in r:
             return r[f"{metric}_unrefined"]
         return r[metric] if r.get("fusion_weight") is None else None
@@ -59,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     pts = lambda x: 100.0 * float(x)  # noqa: E731
     for k in shots:
         print(f"\n{k}-shot (AP50 points, mean ± 95% CI over the draws both variants ran)\n")
-        print(f"| variant | nAP50 | bAP50 | unrefined nAP50 | unrefined bAP50 | paired Δ unrefined nAP50 "
-              f"vs {args.against} | paired Δ unrefined bAP50 |" + (" bAP50 − parent |" if args.parent_bAP50 else ""))
+        own = "corrected" if args.corrected else "unrefined"
+        print(f"| variant | nAP50 | bAP50 | {own} nAP50 | {own} bAP50 | paired Δ {own} nAP50 "
+              f"vs {args.against} | paired Δ {own} bAP50 |" + (" bAP50 − parent |" if args.parent_bAP50 else ""))
         print("|---|---|---|---|---|---|---|" + ("---|" if args.parent_bAP50 else ""))
         for v in [args.against] + variants:
             seeds = sorted(s for (vv, kk, s) in by if vv == v and kk == k)
