@@ -55,7 +55,14 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
         "pseudo", "pgb-distill-pseudo", "all-pseudo", "pseudo-parent", "pgb-distill-pseudo-parent"}
     assert {n for n, r in by.items() if r["parent_distill"] > 0} == {
         "parent", "pseudo-parent", "pgb-distill-pseudo-parent"}
-    # every row is also scored after add_classes' bias correction, chosen on val against the parent
+    # every row is also scored after add_classes' bias correction, chosen on val against the
+    # parent's val bAP50, scored once per draw: the parent's own figure on those val images
+    from fewshot.learning.episode import score
+    from fewshot.metrics.coco_eval import load_eval_split
+
+    val = load_eval_split(tiny_catalog, "synthworld", "val", parent.classes, spec.new_classes, 6)
+    parent_val = score(parent, val, device="cpu").bAP50
+    assert all(r["parent_val_bAP50"] == pytest.approx(parent_val) for r in rows)
     for r in rows:
         assert r["offset"] <= 0 and isinstance(r["rule_met"], bool)
         assert 0.0 <= r["bAP50_corrected"] <= 1.0 and 0.0 <= r["parent_val_bAP50"] <= 1.0

@@ -23,6 +23,7 @@ from __future__ import annotations
 from torch import nn
 
 POLICIES = ("none", "backbone", "rpn", "head")
+BOX_HEAD_TRAINS = ("backbone", "none")   # the policies under which the RoI box head (the shared feature) trains
 
 
 def apply_freezing(model: nn.Module, policy: str) -> dict[str, int]:

@@ -40,8 +40,8 @@ from fewshot.model.devices import pin_batch, resolve_device
 from fewshot.model.trunk_cache import TrunkCache, cached_trunk
 from fewshot.clip.distillation import DistillationHead, attach_distillation, roi_feature_dim
 from fewshot.balancers import balancer_names
-from fewshot.learning.freezing import POLICIES, apply_freezing
-from fewshot.learning.parent_distillation import BOX_HEAD_TRAINS, DEFAULT_PARENT_DISTILL, attach_parent_distillation
+from fewshot.learning.freezing import BOX_HEAD_TRAINS, POLICIES, apply_freezing
+from fewshot.learning.parent_distillation import DEFAULT_PARENT_DISTILL, attach_parent_distillation
 from fewshot.learning.loop import TrainConfig, make_optimizer, train
 
 # Names the CLI offers: the balancer registry's, read once (fewshot.balancers adds each method).

@@ -49,8 +49,7 @@ from torch import nn
 
 from fewshot.model.detector import RoIBatch
 
-DEFAULT_PARENT_DISTILL = 1.0   # lambda, chosen on val (README *The learning methods*); Shmelkov et al. use 1 too
-BOX_HEAD_TRAINS = ("backbone", "none")   # the freeze policies under which the old outputs can move
+DEFAULT_PARENT_DISTILL = 1.0   # lambda, chosen on val at the ablation's schedule (README *The learning methods*)
 
 
 class ParentDistillationLoss:

@@ -53,6 +53,7 @@ from fewshot.learning.episode import (
 )
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodConfig, MethodOptions, TeacherEmbedder
+from fewshot.learning.freezing import BOX_HEAD_TRAINS
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, load_eval_split
 from fewshot.model.checkpoint import DetectorCheckpoint, load_checkpoint, save_checkpoint, update_extra
 from fewshot.workflows.faults import kill_point
@@ -224,7 +225,7 @@ def _check_method(method: MethodOptions) -> None:
         method.check()
     except ValueError as err:
         raise AddClassesError(str(err)) from None
-    if method.freeze in ("head", "rpn") and (method.balancer or method.distill_beta > 0):
+    if method.freeze not in BOX_HEAD_TRAINS and (method.balancer or method.distill_beta > 0):
         what = " and ".join(w for w in (f"--balancer {method.balancer}" if method.balancer else "",
                                        f"--distill-beta {method.distill_beta:g}" if method.distill_beta > 0 else "") if w)
         raise AddClassesError(
