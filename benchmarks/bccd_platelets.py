@@ -18,7 +18,10 @@ Protocol (fixed before the run; nothing is chosen, so nothing is tuned on test):
    set: everything trains, the RPN included). With ``--pseudo-labels T`` the base detector's
    RBC/WBC detections with score >= T are added to the support images first, as add_classes
    does by default when ``--freeze`` is not ``head`` (:mod:`fewshot.learning.pseudo_labels`);
-   the new row is imprinted from the user's boxes before that, as there.
+   the new row is imprinted from the user's boxes before that, as there. With
+   ``--parent-distill L`` the old classes' outputs are held to the expanded parent's with weight
+   L (:mod:`fewshot.learning.parent_distillation`; add_classes applies 1 under ``--freeze
+   backbone`` and ``none``); off by default, as the runs before it.
 4. The child is scored on the whole test split with pycocotools: nAP50 (Platelets) and bAP50
    (RBC, WBC); the parent's bAP50 on the same images is recorded once per variant.
 
@@ -74,6 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "images as annotations before fine-tuning (add_classes --pseudo-labels, "
                         "fewshot.learning.pseudo_labels; add_classes applies 0.9 when --freeze is not "
                         "head); default: off, as the runs before it")
+    p.add_argument("--parent-distill", type=float, default=0.0, metavar="L",
+                   help="weight of the distillation of RBC/WBC outputs from the expanded parent "
+                        "(add_classes --parent-distill, fewshot.learning.parent_distillation; add_classes "
+                        "applies 1 when --freeze is backbone or none; it acts only where the box head "
+                        "trains); default 0: off, as the runs before it")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--bccd", default=str(BCCD), help="the BCCD VOC folder")
     p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-bccd-catalog"),
@@ -85,8 +93,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--proposal-recall", action="store_true",
                    help="only print, per class, the share of test boxes the variant's base RPN proposes "
                         "(IoU >= 0.5 and >= 0.3) and the median box side at the model's input")
-    p.add_argument("--summarize", metavar="JSONL", default="",
-                   help="only print the table of a results file (no training)")
+    p.add_argument("--summarize", metavar="JSONL", nargs="*", default=[],
+                   help="only print the table of one or more results files, read as one (no training)")
     return p
 
 
@@ -156,7 +164,10 @@ def run(args) -> None:
     parent_report = score(parent, parent_split, device="cpu")
     split = load_eval_split(catalog, "bccd", "test", BASE, NOVEL)
     cfg = TrainConfig(steps=args.steps, batch_size=8, lr=5e-4, warmup_steps=20, log_every=50)
-    method = MethodConfig(freeze=args.freeze)
+    if args.parent_distill and args.freeze not in ("backbone", "none"):
+        raise SystemExit(f"--parent-distill acts only where the box head trains (--freeze backbone or none), "
+                         f"not --freeze {args.freeze}")
+    method = MethodConfig(freeze=args.freeze, parent_distill=args.parent_distill)
     for shots in [int(k) for k in args.shots.split(",")]:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.perf_counter()
@@ -174,6 +185,7 @@ def run(args) -> None:
             report = score(child, split, device="cpu")
             out = {"variant": args.variant, "preset": VARIANTS[args.variant][0], "shots": shots,
                    "seed": seed, "freeze": args.freeze, "pseudo_labels": args.pseudo_labels,
+                   "parent_distill": args.parent_distill,
                    "pseudo_labels_added": added, "base_steps": args.base_steps, "steps": args.steps,
                    "test_images": report.num_images, "nAP50": round(report.nAP50, 4),
                    "bAP50": round(report.bAP50, 4), "parent_bAP50": round(parent_report.bAP50, 4),
@@ -227,15 +239,16 @@ def proposal_recall(args) -> None:
         print(f"| {name} | {n} | {r5 / n:.3f} | {r3 / n:.3f} | {sorted(sides)[len(sides) // 2]:.1f} |")
 
 
-def summarize(path: str) -> str:
-    """The markdown table of a results file: per variant and K, nAP50 / bAP50 / parent bAP50
+def summarize(*paths: str) -> str:
+    """The markdown table of results files (read as one): per variant and K, nAP50 / bAP50 / parent bAP50
     (mean ± 95% CI, points), and pretrained - scratch paired over (K, seed)."""
     from fewshot.metrics.stats import mean_ci95
 
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for path in paths for line in Path(path).read_text().splitlines() if line.strip()]
     by = defaultdict(dict)  # (variant, shots) -> seed -> row (the last line of a repeated draw wins)
     for r in rows:
         pl = f" --pseudo-labels {r['pseudo_labels']:g}" if r.get("pseudo_labels") is not None else ""
+        pl += f" --parent-distill {r['parent_distill']:g}" if r.get("parent_distill") else ""
         by[(f"{r['variant']} --freeze {r.get('freeze', 'head')}{pl}", r["shots"])][r["seed"]] = r
     lines = ["| backbone | K | draws | nAP50 (Platelets) | bAP50 (RBC, WBC) | parent bAP50 |",
              "|---|---|---|---|---|---|"]
@@ -249,6 +262,10 @@ def summarize(path: str) -> str:
     pairs += [(f"lite0-imagenet --freeze {f} --pseudo-labels {t:g}", f"lite0-imagenet --freeze {f}")
               for f in ("rpn", "backbone", "none") for t in sorted({r["pseudo_labels"] for r in rows
                                                                     if r.get("pseudo_labels") is not None})]
+    pairs += [(f"lite0-imagenet --freeze {f}{pl} --parent-distill {lam:g}", f"lite0-imagenet --freeze {f}{pl}")
+              for f in ("backbone", "none") for pl in ["", *sorted({f" --pseudo-labels {r['pseudo_labels']:g}"
+                                                                   for r in rows if r.get("pseudo_labels") is not None})]
+              for lam in sorted({r["parent_distill"] for r in rows if r.get("parent_distill")})]
     diff_lines = []
     for a, b in pairs:
         for shots in sorted({s for (_, s) in by}):
@@ -266,7 +283,7 @@ def summarize(path: str) -> str:
 
 def main(args: argparse.Namespace) -> None:
     if args.summarize:
-        print(summarize(args.summarize))
+        print(summarize(*args.summarize))
         return
     if args.proposal_recall:
         proposal_recall(args)
