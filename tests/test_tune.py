@@ -35,7 +35,7 @@ def champion(tiny_catalog, mlflow_uri, tmp_path_factory):
 
 def _in_space(config: dict, max_steps: int, eval_every: int, distill: bool) -> None:
     """A sampled configuration, or add_classes' defaults (the search's first trial)."""
-    assert set(config) == set(TUNABLE_KEYS) | {"freeze"}
+    assert set(config) == set(TUNABLE_KEYS) | {"freeze", "parent_distill"}
     if config["freeze"] == "head":
         assert config == tuning.default_trial(max_steps)
         return
@@ -43,6 +43,7 @@ def _in_space(config: dict, max_steps: int, eval_every: int, distill: bool) -> N
     assert config["balancer"] in ("fixed", "pgb", "gradnorm")
     assert space.MOMENTUM_RANGE[0] <= config["balancer_momentum"] < space.MOMENTUM_RANGE[1]
     assert config["distill_beta"] in (space.BETAS if distill else (0.0,))
+    assert config["parent_distill"] in space.PARENT_DISTILL_WEIGHTS
     assert space.LR_RANGE[0] <= config["lr"] <= space.LR_RANGE[1]
     assert config["steps"] in space.step_choices(max_steps, eval_every)
 
@@ -263,13 +264,38 @@ def test_a_config_may_name_its_freezing_policy():
     assert not tuning._is_default({**tuning.default_trial(steps), "freeze": "backbone"})
 
 
+def test_parent_distillation_weight_is_searched_where_the_box_head_trains():
+    """lambda is a key of the space only for policies that train the box head; a config names it
+    or leaves add_classes' default; a negative one is refused."""
+    assert "parent_distill" in space.search_space(100, 25, freeze="backbone")
+    assert "parent_distill" not in space.search_space(100, 25, freeze="head")
+    assert "parent_distill" not in space.search_space(100, 25, freeze="rpn")
+    tuned = {**tuning.default_config(), "freeze": "backbone", "parent_distill": 3.0}
+    assert normalize_config(tuned, require_all=True)["parent_distill"] == 3.0
+    method, _ = apply_to(tuned, MethodOptions(freeze="head"), TrainConfig())
+    assert method.parent_distill == 3.0 and method.applied_parent_distill == 3.0
+    method, _ = apply_to({**tuned, "parent_distill": 0}, MethodOptions(), TrainConfig())
+    assert method.applied_parent_distill == 0.0
+    # a record written before lambda was a key: the caller's weight (add_classes' default) stays
+    method, _ = apply_to({"lr": 1e-3, "freeze": "backbone"}, MethodOptions(parent_distill=1.0), TrainConfig())
+    assert method.applied_parent_distill == 1.0
+    with pytest.raises(ValueError, match="parent_distill"):
+        normalize_config({**tuned, "parent_distill": -1})
+    steps = AddClassesOptions().train.steps
+    old_record = {k: v for k, v in tuning.default_trial(steps).items() if k != "parent_distill"}
+    assert tuning._is_default(old_record)
+    assert not tuning._is_default({**tuning.default_trial(steps), "parent_distill": 3.0})
+    assert space._trial_name(3, tuned).startswith("trial-03-backbone-None-b0-pd3-lr")
+
+
 def test_job_refuses_bad_options_before_starting_anything():
     job = load_job("tune")
     assert job.main(["--num-workers", "2", "--mlflow-uri", "http://127.0.0.1:1"]) == 2
     assert job.main(["--eval-every", "50", "--max-steps", "10", "--mlflow-uri", "http://127.0.0.1:1"]) == 2
     assert space.step_choices(150, 25) == [50, 75, 100, 150]
     assert tuning.default_config() == {"balancer": None, "balancer_momentum": 0.9, "distill_beta": 0.0,
-                                       "lr": AddClassesOptions().train.lr, "steps": AddClassesOptions().train.steps}
+                                       "lr": AddClassesOptions().train.lr, "steps": AddClassesOptions().train.steps,
+                                       "parent_distill": AddClassesOptions().method.parent_distill}
 
 
 def test_defaults_win_then_no_self_comparison(tiny_catalog, mlflow_uri, champion, local_ray, tmp_path,

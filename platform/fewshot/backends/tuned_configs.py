@@ -29,9 +29,11 @@ from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodOptions
 
 TUNABLE_KEYS = ("balancer", "balancer_momentum", "distill_beta", "lr", "steps")
-# a config may also name the freezing policy it was trained with: a search can hold trials
-# under different policies (add_classes' defaults, under "head", beside "backbone" trials)
-OPTIONAL_KEYS = ("freeze",)
+# a config may also name the freezing policy it was trained with (a search can hold trials
+# under different policies: add_classes' defaults, under "head", beside "backbone" trials) and
+# the parent distillation weight (searched only where the box head trains; records written
+# before it was a key leave it out, and add_classes' default applies)
+OPTIONAL_KEYS = ("freeze", "parent_distill")
 CONFIG_KEYS = TUNABLE_KEYS + OPTIONAL_KEYS
 BEST_CONFIG_TAG = "fewshot.best_config_run"
 BEST_CONFIG_ARTIFACT = "best_config.json"
@@ -66,8 +68,8 @@ def normalize_config(config: Mapping[str, Any], require_all: bool = False) -> di
     every one of :data:`TUNABLE_KEYS`; ``freeze`` stays optional).
 
     ``freeze``: one of the freezing policies; ``balancer``: ``None``/``"none"``/``fixed``/
-    ``pgb``/``gradnorm``; ``balancer_momentum`` in [0, 1); ``distill_beta`` >= 0; ``lr`` > 0;
-    ``steps`` a positive integer. Raises ``ValueError`` naming the offending key."""
+    ``pgb``/``gradnorm``; ``balancer_momentum`` in [0, 1); ``distill_beta`` >= 0;
+    ``parent_distill`` >= 0; ``lr`` > 0; ``steps`` a positive integer. Raises ``ValueError`` naming the offending key."""
     if not isinstance(config, Mapping):
         raise ValueError(f"a config must be a JSON object of {CONFIG_KEYS}, got {type(config).__name__}")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -95,10 +97,10 @@ def normalize_config(config: Mapping[str, Any], require_all: bool = False) -> di
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"config 'balancer_momentum': must be in [0, 1), got {value!r}")
             out[key] = v
-        elif key == "distill_beta":
+        elif key in ("distill_beta", "parent_distill"):
             v = _number(key, value)
             if v < 0:
-                raise ValueError(f"config 'distill_beta': must be >= 0, got {value!r}")
+                raise ValueError(f"config {key!r}: must be >= 0, got {value!r}")
             out[key] = v
         elif key == "lr":
             v = _number(key, value)
@@ -236,10 +238,10 @@ def load_config(spec: str, uri: str, model_name: str) -> tuple[dict, str]:
 
 def apply_to(config: Mapping[str, Any], method: MethodOptions, train: TrainConfig) -> tuple[MethodOptions, TrainConfig]:
     """``method`` and ``train`` with a tuned config's values (balancer, its momentum, beta, lr,
-    steps, and the freezing policy when it names one) in place of theirs: how add_classes, a
+    steps, and the freezing policy and parent distillation weight when it names them) in place of theirs: how add_classes, a
     Tune trial and the comparison all train the way the winning trial did."""
     cfg = normalize_config(config)
-    method = replace(method, **{k: cfg[k] for k in ("balancer", "balancer_momentum", "distill_beta", "freeze")
-                                if k in cfg})
+    method = replace(method, **{k: cfg[k] for k in ("balancer", "balancer_momentum", "distill_beta", "freeze",
+                                                    "parent_distill") if k in cfg})
     train = replace(train, **{k: cfg[k] for k in ("lr", "steps") if k in cfg})
     return method, train

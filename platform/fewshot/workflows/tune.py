@@ -1,5 +1,5 @@
 """Ray Tune over add_classes fine-tuning (balancer, its smoothing, distillation beta,
-learning rate, steps), with one MLflow parent run and one nested run per trial.
+learning rate, steps and, where the box head trains, the parent distillation weight), with one MLflow parent run and one nested run per trial.
 
 What one search does (``jobs/tune.py`` is the command line):
 
@@ -199,7 +199,7 @@ def default_config() -> dict:
     """add_classes' defaults as a tuned config (what ``--compare-seeds`` compares against)."""
     m, t = ADD_CLASSES_DEFAULTS.method, ADD_CLASSES_DEFAULTS.train
     return {"balancer": m.balancer, "balancer_momentum": m.balancer_momentum,
-            "distill_beta": m.distill_beta, "lr": t.lr, "steps": t.steps}
+            "distill_beta": m.distill_beta, "lr": t.lr, "steps": t.steps, "parent_distill": m.parent_distill}
 
 
 def default_trial(max_steps: int) -> dict:
@@ -212,6 +212,8 @@ def default_trial(max_steps: int) -> dict:
 def _is_default(config: dict) -> bool:
     """Whether ``config`` trains as add_classes does with no tuned config (its policy, its steps)."""
     want = {**default_config(), "freeze": ADD_CLASSES_DEFAULTS.method.freeze}
+    # a config without a parent distillation weight trains with add_classes' (tuned_configs)
+    config = {"parent_distill": ADD_CLASSES_DEFAULTS.method.parent_distill, **config}
     return all(config.get(k) == v for k, v in want.items())
 
 
