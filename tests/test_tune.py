@@ -264,12 +264,13 @@ def test_a_config_may_name_its_freezing_policy():
     assert not tuning._is_default({**tuning.default_trial(steps), "freeze": "backbone"})
 
 
-def test_parent_distillation_weight_is_searched_where_the_box_head_trains():
-    """lambda is a key of the space only for policies that train the box head; a config names it
+def test_parent_distillation_weight_is_searched_under_freeze_backbone():
+    """lambda is a key of the space only under the policy add_classes applies it with; a config names it
     or leaves add_classes' default; a negative one is refused."""
     assert "parent_distill" in space.search_space(100, 25, freeze="backbone")
     assert "parent_distill" not in space.search_space(100, 25, freeze="head")
     assert "parent_distill" not in space.search_space(100, 25, freeze="rpn")
+    assert "parent_distill" not in space.search_space(100, 25, freeze="none")
     tuned = {**tuning.default_config(), "freeze": "backbone", "parent_distill": 3.0}
     assert normalize_config(tuned, require_all=True)["parent_distill"] == 3.0
     method, _ = apply_to(tuned, MethodOptions(freeze="head"), TrainConfig())

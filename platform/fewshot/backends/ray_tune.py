@@ -31,7 +31,7 @@ from fewshot.backends import registry
 from fewshot.backends.tuned_configs import CONFIG_KEYS, apply_to
 from fewshot.balancers import balancer_names
 from fewshot.learning.episode import expand_parent, score, to_checkpoint
-from fewshot.learning.freezing import BOX_HEAD_TRAINS
+from fewshot.learning.parent_distillation import PARENT_DISTILL_POLICIES
 from fewshot.model.trunk_cache import TrunkCache, trunk_fingerprint, use_trunk_cache
 from fewshot.learning.loop import TrainConfig
 from fewshot.learning.method import MethodOptions, finetune
@@ -64,9 +64,11 @@ def search_space(max_steps: int, eval_every: int, distill: bool = True, freeze: 
     {0, 0.1, 0.3, 1} (0 only without a teacher); learning rate log-uniform in [1e-4, 3e-3]
     (add_classes' default 5e-4 inside); steps from :func:`step_choices`; ``freeze`` fixed (the
     sampled trials' policy; a point evaluated first, such as add_classes' defaults, may name
-    another); where ``freeze`` trains the box head, the parent distillation weight lambda from
-    :data:`PARENT_DISTILL_WEIGHTS` (elsewhere it does nothing, so it is not searched)."""
-    box_head = {"parent_distill": tune.choice(list(PARENT_DISTILL_WEIGHTS))} if freeze in BOX_HEAD_TRAINS else {}
+    another); under ``freeze`` backbone the parent distillation weight lambda from
+    :data:`PARENT_DISTILL_WEIGHTS` (add_classes applies it under no other policy, so it is not
+    searched there)."""
+    box_head = ({"parent_distill": tune.choice(list(PARENT_DISTILL_WEIGHTS))}
+                if freeze in PARENT_DISTILL_POLICIES else {})
     return {
         "freeze": freeze,
         "balancer": tune.choice(list(balancer_names())),

@@ -1,0 +1,221 @@
+"""Where the old classes' AP50 goes when add_classes trains the box head, and whether the bias
+correction's val rule sees it.
+
+A child trained the way ``add_classes --freeze backbone`` trains it (old-class pseudo-labels at
+0.9, parent distillation lambda, AdamW lr 5e-4, 150 steps, batch 8, 20 warm-up steps, no
+balancer) loses some base AP50 against its parent. Two things can take it:
+
+* **drift**: the box head and the box regressor, which train, answer the old classes worse.
+  Measured by switching the new classes off (their logits offset by -100): what is left of the
+  loss is the drift alone.
+* **competition**: the new rows out-score the old classes on some of their objects. Measured by
+  answering the old classes with the parent's frozen box head, box regressor and rows (the
+  child's own head answers only the new classes, in the same softmax; Fan et al., "Generalized
+  Few-Shot Object Detection without Forgetting", CVPR 2021, keep such a base branch): what is
+  left of the loss is the competition alone.
+
+Bias correction (:mod:`fewshot.learning.bias_correction`) can only remove competition, and it
+judges on val. So per draw this also chooses the new rows' offset with add_classes' rule (the
+smallest keeping val bAP50 within 1 point of the parent's) on the first 100 val images (the
+ablation's), the first 150 (add_classes' gate) and all 300, and reports the test drop each
+choice leaves and the new classes' AP50 it costs.
+
+Protocol (fixed before the run): the base ``--checkpoint``, split1's five novel classes, shots
+1 / 5 / 10, seeds 0..9 (the ablation's draws: ``fewshot.learning.episode.sample_episode``),
+test figures on the first 150 test images (the ablation's) and all 300; nothing is chosen on
+test. One JSON line per draw to ``--out``; ``--summarize`` prints the tables::
+
+    python benchmarks/base_loss_sources.py --checkpoint base/dihedral.pt --seeds 5 \\
+        --out benchmarks/results_base_loss_sources.jsonl            # then --first-seed 5 --seeds 5
+    python benchmarks/base_loss_sources.py --summarize benchmarks/results_base_loss_sources.jsonl
+
+Torch only (no Ray, no MLflow); about 50 s per draw on one core.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "platform"), str(ROOT)]
+
+NOVEL = ["triangle", "star4", "crescent", "lshape", "gear"]
+OFFSETS = (0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, -8.0)   # add_classes' grid
+OFF = -100.0   # switches the new classes off
+VAL_SIZES = (100, 150, 300)
+TEST_SIZES = (150, 300)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="the base detector (a checkpoint file, e.g. base_detector_budget.py --save)")
+    p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-quality-catalog"),
+                   help="catalog holding the embedded world (dataset synthworld)")
+    p.add_argument("--shots", default="1,5,10", help="comma-separated shot counts")
+    p.add_argument("--seeds", type=int, default=5, help="draws per shot count (seeds F..F+N-1)")
+    p.add_argument("--first-seed", type=int, default=0, metavar="F", help="first draw seed (to extend a run)")
+    p.add_argument("--parent-distill", type=float, default=1.0, metavar="L",
+                   help="parent distillation weight (add_classes' default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results_base_loss_sources.jsonl"),
+                   help="append one JSON line per draw here")
+    p.add_argument("--summarize", metavar="JSONL", default="", help="only print the tables of a results file")
+    return p
+
+
+class ParentAnswersOldClasses:
+    """Forward hooks that make ``model`` answer the old classes (labels < ``num_old``, background
+    included) with ``parent``'s box head, regressor and rows, and the new classes with its own."""
+
+    def __init__(self, model, parent, num_old: int):
+        self.parent_heads = parent.roi_heads
+        self.num_old = num_old
+        self.pooled = None
+        heads = model.roi_heads
+        self.hooks = [heads.box_head.register_forward_pre_hook(self._keep),
+                      heads.box_predictor.register_forward_hook(self._merge)]
+
+    def _keep(self, _module, args):
+        self.pooled = args[0]
+
+    @torch.no_grad()
+    def _merge(self, _module, _args, output):
+        logits, deltas = output
+        features = self.parent_heads.box_head(self.pooled)
+        predictor = self.parent_heads.box_predictor
+        old_logits = predictor.cls_score(features)[:, :self.num_old]
+        old_deltas = predictor.bbox_pred(features).float().repeat(1, self.num_old)
+        return (torch.cat([old_logits, logits[:, self.num_old:]], dim=1),
+                torch.cat([old_deltas, deltas[:, 4 * self.num_old:]], dim=1))
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def run(args) -> None:
+    from catalog import Catalog
+    from fewshot.learning.bias_correction import choose_offset, collect_second_stage, detections_with_offset
+    from fewshot.learning.episode import expand_parent, fine_tune_episode, pseudo_label_episode, sample_episode
+    from fewshot.learning.loop import TrainConfig
+    from fewshot.learning.method import MethodConfig
+    from fewshot.metrics.coco_eval import load_eval_split
+    from fewshot.model.checkpoint import load_checkpoint
+    from fewshot.model.trunk_cache import TrunkCache
+
+    torch.set_num_threads(args.threads)
+    catalog = Catalog(args.catalog)
+    parent = load_checkpoint(args.checkpoint)
+    base = list(parent.classes)
+    cache = TrunkCache()
+    full = {name: load_eval_split(catalog, "synthworld", name, base, NOVEL, 300) for name in ("val", "test")}
+    sizes = {"val": VAL_SIZES, "test": TEST_SIZES}
+    subsets = {(name, n): load_eval_split(catalog, "synthworld", name, base, NOVEL, n)
+               for name in sizes for n in sizes[name]}
+
+    def reports(model, name, first_new, ids, offsets):
+        """{n: {offset: EvalReport}} on the first n images of split ``name`` (one forward pass)."""
+        stages = collect_second_stage(model, full[name].rows, device="cpu", trunk_cache=cache)
+        out = {}
+        for n in sizes[name]:
+            keep = {int(r["image_id"]) for r in subsets[name, n].rows}
+            kept = [s for s in stages if s.image_id in keep]
+            out[n] = {o: subsets[name, n].evaluate(detections_with_offset(model, kept, first_new, o, ids))
+                      for o in offsets}
+        return out
+
+    parent_model = parent.build_model().eval()
+    ref = {name: {n: r[0.0].bAP50 for n, r in reports(parent_model, name, 10**6, parent.category_ids,
+                                                        (0.0,)).items()} for name in sizes}
+    cfg = TrainConfig(steps=150, batch_size=8, lr=5e-4, warmup_steps=20, log_every=150)   # add_classes'
+    method = MethodConfig(freeze="backbone", parent_distill=args.parent_distill)
+    num_old = len(base) + 1
+    for shots in [int(k) for k in args.shots.split(",")]:
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            t0 = time.perf_counter()
+            ep = sample_episode(catalog, parent, NOVEL, shots, seed)
+            start = expand_parent(ep, device="cpu")
+            labelled, _ = pseudo_label_episode(ep, 0.9, device="cpu")
+            child = fine_tune_episode(labelled, cfg, method, start=start, device="cpu", precision="fp32",
+                                      trunk_cache=cache)
+            model = child.build_model().eval()
+            own = {name: reports(model, name, num_old, child.category_ids, OFFSETS + (OFF,)) for name in sizes}
+            merge = ParentAnswersOldClasses(model, start.build_model().eval(), num_old)
+            try:
+                kept = reports(model, "test", num_old, child.category_ids, (0.0,))
+            finally:
+                merge.remove()
+            line = {"shots": shots, "seed": seed, "parent_distill": args.parent_distill,
+                    "parent_bAP50": {f"{k}{n}": round(v, 5) for k in ref for n, v in ref[k].items()},
+                    "train_s": None}
+            for n in TEST_SIZES:
+                rep = own["test"][n]
+                line[f"test{n}"] = {
+                    "drop": round(ref["test"][n] - rep[0.0].bAP50, 5),
+                    "drop_new_off": round(ref["test"][n] - rep[OFF].bAP50, 5),
+                    "drop_parent_answers_old": round(ref["test"][n] - kept[n][0.0].bAP50, 5),
+                    "nAP50": round(rep[0.0].nAP50, 5),
+                    "nAP50_parent_answers_old": round(kept[n][0.0].nAP50, 5)}
+            for n in VAL_SIZES:
+                val = {o: r for o, r in own["val"][n].items() if o != OFF}
+                offset, met = choose_offset(val, ref["val"][n], 0.01)
+                line[f"rule_val{n}"] = {
+                    "offset": offset, "met": met, "val_drop": round(ref["val"][n] - val[offset].bAP50, 5),
+                    **{f"test{t}_drop": round(ref["test"][t] - own["test"][t][offset].bAP50, 5) for t in TEST_SIZES},
+                    **{f"test{t}_nAP50": round(own["test"][t][offset].nAP50, 5) for t in TEST_SIZES}}
+            line["train_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(line), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+
+def summarize(path: str) -> str:
+    from fewshot.metrics.stats import mean_ci95
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    by = defaultdict(list)
+    for r in rows:
+        by[r["shots"]].append(r)
+    t = TEST_SIZES[-1]
+    out = [f"Base AP50 lost against the parent on {t} test images (points, mean ± 95% CI over draws):", "",
+           "| shots | draws | as trained | new classes off (drift) | parent answers old classes (competition) "
+           "| nAP50 as trained | nAP50, parent answers old |", "|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        c = lambda key: mean_ci95(r[f"test{t}"][key] for r in rs).format()
+        out.append(f"| {shots} | {len(rs)} | {c('drop')} | {c('drop_new_off')} | {c('drop_parent_answers_old')} "
+                   f"| {c('nAP50')} | {c('nAP50_parent_answers_old')} |")
+    out += ["", "The bias correction's rule judged on n val images: the offset it chose, the val drop it saw, "
+            "what that offset leaves on test:", "",
+            "| shots | val images | rule met | offsets | val drop | test drop (150) | test drop (300) | nAP50 (300) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        for n in VAL_SIZES:
+            k = f"rule_val{n}"
+            c = lambda key: mean_ci95(r[k][key] for r in rs).format()
+            offsets = " / ".join(f"{r[k]['offset']:g}" for r in rs)
+            out.append(f"| {shots} | {n} | {sum(r[k]['met'] for r in rs)} of {len(rs)} | {offsets} | {c('val_drop')} "
+                       f"| {c('test150_drop')} | {c('test300_drop')} | {c('test300_nAP50')} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
+    if not args.checkpoint:
+        raise SystemExit("--checkpoint is required (the base detector)")
+    run(args)
+    print(summarize(args.out))
+
+
+if __name__ == "__main__":
+    main()
