@@ -70,9 +70,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-steps", type=int, default=300, help="base training steps (batch 8)")
     p.add_argument("--base-seed", type=int, default=0, help="seed of the base training")
     p.add_argument("--steps", type=int, default=150, help="fine-tuning steps (add_classes' default)")
-    p.add_argument("--freeze", choices=["head", "rpn", "backbone", "none"], default="head",
+    p.add_argument("--freeze", choices=["head", "rpn", "backbone", "rpn-head", "none"], default="head",
                    help="what trains in the fine-tune (add_classes' --freeze; default head: only the new "
-                        "classifier row; rpn: the RPN too; none: everything)")
+                        "classifier row; rpn: the RPN too; backbone: box head, regressor and the new row; "
+                        "rpn-head: the RPN and those; none: everything)")
     p.add_argument("--pseudo-labels", type=float, default=None, metavar="T",
                    help="add the base detector's detections of RBC/WBC with score >= T to the support "
                         "images as annotations before fine-tuning (add_classes --pseudo-labels, "
@@ -165,8 +166,8 @@ def run(args) -> None:
     parent_report = score(parent, parent_split, device="cpu")
     split = load_eval_split(catalog, "bccd", "test", BASE, NOVEL)
     cfg = TrainConfig(steps=args.steps, batch_size=8, lr=5e-4, warmup_steps=20, log_every=50)
-    if args.parent_distill and args.freeze not in ("backbone", "none"):
-        raise SystemExit(f"--parent-distill acts only where the box head trains (--freeze backbone or none), "
+    if args.parent_distill and args.freeze not in ("backbone", "rpn-head", "none"):
+        raise SystemExit(f"--parent-distill acts only where the box head trains (--freeze backbone, rpn-head or none), "
                          f"not --freeze {args.freeze}")
     method = MethodConfig(freeze=args.freeze, parent_distill=args.parent_distill)
     for shots in [int(k) for k in args.shots.split(",")]:
@@ -257,16 +258,19 @@ def summarize(*paths: str) -> str:
         d = list(draws.values())
         lines.append(f"| {variant} | {shots} | {len(d)} | {mean_ci95(r['nAP50'] for r in d).format()} | "
                      f"{mean_ci95(r['bAP50'] for r in d).format()} | {d[0]['parent_bAP50'] * 100:.1f} |")
-    pairs = [(f"lite0-imagenet --freeze {f}", f"{b} --freeze {f}") for f in ("head", "rpn", "backbone", "none")
+    pairs = [(f"lite0-imagenet --freeze {f}", f"{b} --freeze {f}") for f in ("head", "rpn", "backbone", "rpn-head", "none")
              for b in ("lite0-scratch", "cpu-small")]
     pairs += [(f"lite0-imagenet --freeze {f}", "lite0-imagenet --freeze head") for f in ("rpn", "none")]
     pairs += [(f"lite0-imagenet --freeze {f} --pseudo-labels {t:g}", f"lite0-imagenet --freeze {f}")
-              for f in ("rpn", "backbone", "none") for t in sorted({r["pseudo_labels"] for r in rows
+              for f in ("rpn", "backbone", "rpn-head", "none") for t in sorted({r["pseudo_labels"] for r in rows
                                                                     if r.get("pseudo_labels") is not None})]
     pairs += [(f"lite0-imagenet --freeze {f}{pl} --parent-distill {lam:g}", f"lite0-imagenet --freeze {f}{pl}")
-              for f in ("backbone", "none") for pl in ["", *sorted({f" --pseudo-labels {r['pseudo_labels']:g}"
+              for f in ("backbone", "rpn-head", "none") for pl in ["", *sorted({f" --pseudo-labels {r['pseudo_labels']:g}"
                                                                    for r in rows if r.get("pseudo_labels") is not None})]
               for lam in sorted({r["parent_distill"] for r in rows if r.get("parent_distill")})]
+    pairs += [("lite0-imagenet --freeze rpn-head --pseudo-labels 0.9 --parent-distill 1", b)
+              for b in ("lite0-imagenet --freeze rpn --pseudo-labels 0.9",
+                        "lite0-imagenet --freeze backbone --pseudo-labels 0.9 --parent-distill 1")]
     diff_lines = []
     for a, b in pairs:
         for shots in sorted({s for (_, s) in by}):

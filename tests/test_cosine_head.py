@@ -71,6 +71,26 @@ def test_rpn_policy_trains_the_proposals_and_the_new_rows_only():
     assert fixed and not moved & set(fixed)
 
 
+def test_rpn_head_policy_trains_all_but_the_backbone():
+    """--freeze rpn-head: the RPN, the box head, the box regressor and the new rows move; the
+    backbone and the old rows stay bit-identical."""
+    cfg = preset("cpu-small", min_size=96, max_size=96)
+    model = build_detector(cfg, num_classes=4)
+    images, targets = _batch(4)
+    expand_detector(model, images, targets, num_new=1)
+    apply_freezing(model, "rpn-head")
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = make_optimizer(model, TrainConfig(lr=0.05))
+    for _ in range(3):
+        train_step(model, opt, images, targets, grad_clip=10.0)
+    moved = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])}
+    for prefix in ("rpn.", "roi_heads.box_head.", "roi_heads.box_predictor.bbox_pred"):
+        assert any(k.startswith(prefix) for k in moved), prefix
+    assert "roi_heads.box_predictor.cls_score.weight_new" in moved
+    fixed = [k for k in before if k.startswith("backbone.") or k == "roi_heads.box_predictor.cls_score.weight_old"]
+    assert fixed and not moved & set(fixed)
+
+
 def test_checkpoint_round_trip_keeps_block_shapes(tmp_path):
     from fewshot.model.checkpoint import load_checkpoint, save_checkpoint
 

@@ -117,6 +117,7 @@ def test_the_parents_copies_are_frozen_outside_the_model_and_reattaching_replace
 
 def test_options_apply_it_only_under_freeze_backbone_and_refuse_bad_weights():
     assert MethodOptions(freeze="backbone", parent_distill=5.0).config(None).parent_distill == 5.0
+    assert MethodOptions(freeze="rpn-head", parent_distill=5.0).config(None).parent_distill == 5.0
     # head, rpn: the old classes' outputs cannot move; none: the backbone drifts under it
     for freeze in ("head", "rpn", "none"):
         assert MethodOptions(freeze=freeze, parent_distill=5.0).config(None).parent_distill == 0.0

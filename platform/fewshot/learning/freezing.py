@@ -10,6 +10,11 @@ Policies (``--freeze``):
   propose few of them; on BCCD it proposes 10% of the Platelets at IoU 0.5,
   ``benchmarks/bccd_platelets.py``): ``head`` cannot reach them, ``none`` can but moves the
   features the old classes rely on.
+- ``rpn-head``: everything but the backbone trains: the RPN (so new classes get proposals, as
+  under ``rpn``) and the box head, box regressor and new rows (as under ``backbone``). The
+  features the old classes are pooled from stay fixed, so parent distillation reads the
+  parent's features exactly and holds the old classes' outputs on the proposals the child's RPN
+  now makes.
 - ``head``: only the new classifier rows train (TFA's "last layer only" setting, Wang et al.
   2020). The default for few-shot fine-tuning: every feature the old classes rely on stays
   fixed. Measured on the embedded world (split1, 10 shots, 150 steps, 150 test images):
@@ -22,8 +27,8 @@ from __future__ import annotations
 
 from torch import nn
 
-POLICIES = ("none", "backbone", "rpn", "head")
-BOX_HEAD_TRAINS = ("backbone", "none")   # the policies under which the RoI box head (the shared feature) trains
+POLICIES = ("none", "backbone", "rpn", "rpn-head", "head")
+BOX_HEAD_TRAINS = ("backbone", "rpn-head", "none")   # the policies under which the RoI box head (the shared feature) trains
 
 
 def apply_freezing(model: nn.Module, policy: str) -> dict[str, int]:
@@ -33,12 +38,12 @@ def apply_freezing(model: nn.Module, policy: str) -> dict[str, int]:
     predictor = model.roi_heads.box_predictor
     for p in model.parameters():
         p.requires_grad_(policy == "none")
-    if policy in ("backbone", "rpn", "head"):
+    if policy != "none":
         predictor.cls_score.weight_new.requires_grad_(True)
-    if policy == "rpn":
+    if policy in ("rpn", "rpn-head"):
         for p in model.rpn.parameters():
             p.requires_grad_(True)
-    if policy == "backbone":
+    if policy in ("backbone", "rpn-head"):
         for p in model.roi_heads.box_head.parameters():
             p.requires_grad_(True)
         for p in predictor.bbox_pred.parameters():

@@ -53,7 +53,7 @@ FreezePolicy = Literal[POLICIES]
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """``freeze``: which parameters train (``none``/``backbone``/``rpn``/``head``);
+    """``freeze``: which parameters train (``none``/``backbone``/``rpn``/``rpn-head``/``head``);
     ``balancer``: ``None`` (plain summed losses), ``fixed``, ``pgb`` or ``gradnorm``;
     ``balancer_momentum``: EMA smoothing of the balancer's weights (PGB) or norms
     (gradient-norm); ``distill_beta``: weight beta of the distillation loss (0: off);
@@ -107,8 +107,9 @@ class MethodOptions:
     freeze: FreezePolicy = "head"
     """What trains: head = only the new classifier rows (old classes untouched); rpn = the new rows
     and the region proposal network (for new classes the base RPN learnt as background); backbone
-    = box head and regressor with the new rows (backbone and RPN frozen); none = everything. The balancer and
-    distillation act on the shared RoI feature, so they need backbone or none."""
+    = box head and regressor with the new rows (backbone and RPN frozen); rpn-head = all of those
+    (only the backbone frozen); none = everything. The balancer and distillation act on the
+    shared RoI feature, so they need backbone, rpn-head or none."""
     balancer: BalancerName | None = None
     """Task-gradient balancer where the shared RoI feature splits into the classification and
     box branches: fixed weights, pgb (precision-driven, MTL-FSOD) or gradnorm (inverse gradient
@@ -129,8 +130,8 @@ class MethodOptions:
     parent_distill: float | None = DEFAULT_PARENT_DISTILL
     """Weight lambda of the distillation of the old classes' outputs (logits and box deltas on
     the sampled RoIs) from the parent, Shmelkov et al. 2017, so the box head that trains does
-    not drift away from what the old classes need. Applied with --freeze backbone; with head or
-    rpn the old classes' outputs cannot move, and with none the backbone drifts under it (on
+    not drift away from what the old classes need. Applied with --freeze backbone and rpn-head;
+    with head or rpn the old classes' outputs cannot move, and with none the backbone drifts under it (on
     BCCD it cost the new class up to 13 AP50 points and kept no base AP50), so it is skipped.
     None or 0 turns it off."""
 
@@ -155,7 +156,8 @@ class MethodOptions:
 
     @property
     def applied_parent_distill(self) -> float:
-        """The parent distillation weight this run trains with: 0 unless --freeze backbone."""
+        """The parent distillation weight this run trains with: 0 unless the box head trains on a
+        frozen backbone (--freeze backbone, rpn-head)."""
         return float(self.parent_distill or 0.0) if self.freeze in PARENT_DISTILL_POLICIES else 0.0
 
 

@@ -20,7 +20,8 @@ the sum over N regions. Here:
   ``--freeze none`` they are the child's (its backbone trains too), so only the drift of the box
   head and the regressor is held, not the backbone's: running A's backbone as well would double
   the cost of every step. Measured on BCCD that costs the new class and keeps nothing, so
-  add_classes applies it only under ``--freeze backbone`` (:data:`PARENT_DISTILL_POLICIES`). Shmelkov et al. sample 64 of the 128 proposals A finds least like
+  add_classes applies it only where the backbone is frozen (``--freeze backbone``, ``rpn-head``;
+  :data:`PARENT_DISTILL_POLICIES`). Shmelkov et al. sample 64 of the 128 proposals A finds least like
   background instead, which a pseudo-labelled support set (:mod:`fewshot.learning.pseudo_labels`)
   makes less needed: its old objects are foreground RoIs already.
 * The box regressor is class-agnostic (:mod:`fewshot.model.cosine_head`), so ``t`` is one set of
@@ -51,12 +52,13 @@ from torch import nn
 from fewshot.model.detector import RoIBatch
 
 DEFAULT_PARENT_DISTILL = 1.0   # lambda, chosen on val at the ablation's schedule (README *The learning methods*)
-# The freezing policies under which add_classes (and Tune) apply it. Not ``none``: there the
+# The freezing policies under which add_classes (and Tune) apply it: those where the box head
+# trains on the parent's own features (the backbone frozen). Not ``none``: there the
 # backbone trains too, so A reads the child's drifting features and can only hold the box head
 # to the parent's answers on them; on BCCD (README *Real images: BCCD*, K = 5 / 10, 5 paired
 # draws, with pseudo-labels) it cost the new class -12.1 +/- 16.0 / -13.2 +/- 12.8 AP50 and
 # kept no base AP50 (-0.2 +/- 2.2 / -1.5 +/- 2.2).
-PARENT_DISTILL_POLICIES = ("backbone",)
+PARENT_DISTILL_POLICIES = ("backbone", "rpn-head")
 
 
 class ParentDistillationLoss:

@@ -100,7 +100,7 @@ class AddClassesOptions:
     never over a box of the dataset), because the K-shot sample annotates only the object each
     image was taken for and a fine-tune that trains the box head or the RPN would learn that
     the old classes' other objects are background. Applied when --freeze trains more than the
-    new classifier rows (rpn, backbone, none); with --freeze head nothing it could change
+    new classifier rows (rpn, backbone, rpn-head, none); with --freeze head nothing it could change
     trains, so it is skipped. None turns it off. The count added goes to MLflow."""
     tuned_config: str | None = None
     """'best': the configuration jobs/tune.py stored for --model-name (balancer, momentum, beta,
@@ -230,8 +230,8 @@ def _check_method(method: MethodOptions) -> None:
                                        f"--distill-beta {method.distill_beta:g}" if method.distill_beta > 0 else "") if w)
         raise AddClassesError(
             f"{what} act on the shared RoI feature, which does not train with --freeze {method.freeze} (only "
-            f"the new classifier rows{' and the RPN' if method.freeze == 'rpn' else ''} do): it would change nothing. Pass --freeze backbone (box head trains) "
-            "or --freeze none, or drop it")
+            f"the new classifier rows{' and the RPN' if method.freeze == 'rpn' else ''} do): it would change nothing. "
+            "Pass --freeze backbone (box head trains), rpn-head or none, or drop it")
 
 
 def _load_parent_refiner(ckpt: DetectorCheckpoint, teacher) -> object | None:
