@@ -268,6 +268,7 @@ def test_parent_distillation_weight_is_searched_under_freeze_backbone():
     """lambda is a key of the space only under the policy add_classes applies it with; a config names it
     or leaves add_classes' default; a negative one is refused."""
     assert "parent_distill" in space.search_space(100, 25, freeze="backbone")
+    assert "parent_distill" in space.search_space(100, 25, freeze="rpn-head")
     assert "parent_distill" not in space.search_space(100, 25, freeze="head")
     assert "parent_distill" not in space.search_space(100, 25, freeze="rpn")
     assert "parent_distill" not in space.search_space(100, 25, freeze="none")

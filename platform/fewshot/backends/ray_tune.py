@@ -64,9 +64,9 @@ def search_space(max_steps: int, eval_every: int, distill: bool = True, freeze: 
     {0, 0.1, 0.3, 1} (0 only without a teacher); learning rate log-uniform in [1e-4, 3e-3]
     (add_classes' default 5e-4 inside); steps from :func:`step_choices`; ``freeze`` fixed (the
     sampled trials' policy; a point evaluated first, such as add_classes' defaults, may name
-    another); under ``freeze`` backbone the parent distillation weight lambda from
-    :data:`PARENT_DISTILL_WEIGHTS` (add_classes applies it under no other policy, so it is not
-    searched there)."""
+    another); where add_classes applies parent distillation (``freeze`` backbone or rpn-head,
+    :data:`~fewshot.learning.parent_distillation.PARENT_DISTILL_POLICIES`) its weight lambda
+    from :data:`PARENT_DISTILL_WEIGHTS` (elsewhere it is skipped, so it is not searched)."""
     box_head = ({"parent_distill": tune.choice(list(PARENT_DISTILL_WEIGHTS))}
                 if freeze in PARENT_DISTILL_POLICIES else {})
     return {

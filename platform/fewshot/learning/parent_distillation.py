@@ -15,15 +15,17 @@ the sum over N regions. Here:
   box regressor), copied once and frozen; B is the model being trained.
 * The regions are the RoIs the second stage samples for its own loss in that step (foreground
   and background, torchvision's sampler), and A reads **the same RoI-aligned features** B's box
-  head reads (``RoIBatch.pooled``). Under ``--freeze backbone`` those are exactly the parent's
-  features (backbone and RPN are frozen), so this is Eq. (1) on B's sampled regions. Under
+  head reads (``RoIBatch.pooled``). Under ``--freeze backbone`` and ``rpn-head`` those are
+  exactly the parent's features (the backbone is frozen), so this is Eq. (1) on B's sampled
+  regions (under ``rpn-head`` drawn from the proposals of B's own, training RPN). Under
   ``--freeze none`` they are the child's (its backbone trains too), so only the drift of the box
   head and the regressor is held, not the backbone's: running A's backbone as well would double
   the cost of every step. Measured on BCCD that costs the new class and keeps nothing, so
   add_classes applies it only where the backbone is frozen (``--freeze backbone``, ``rpn-head``;
-  :data:`PARENT_DISTILL_POLICIES`). Shmelkov et al. sample 64 of the 128 proposals A finds least like
-  background instead, which a pseudo-labelled support set (:mod:`fewshot.learning.pseudo_labels`)
-  makes less needed: its old objects are foreground RoIs already.
+  :data:`PARENT_DISTILL_POLICIES`).
+* Shmelkov et al. sample 64 of the 128 proposals A finds least like background instead, which
+  a pseudo-labelled support set (:mod:`fewshot.learning.pseudo_labels`) makes less needed: its
+  old objects are foreground RoIs already.
 * The box regressor is class-agnostic (:mod:`fewshot.model.cosine_head`), so ``t`` is one set of
   four deltas per region; the two terms are averaged over their own widths, so the regression
   term is not outweighed 16:4 by the logits (15 old classes and background).
