@@ -116,10 +116,10 @@ def run(args) -> None:
     parent = load_checkpoint(args.checkpoint)
     base = list(parent.classes)
     cache = TrunkCache()
-    full = {name: load_eval_split(catalog, "synthworld", name, base, NOVEL, 300) for name in ("val", "test")}
     sizes = {"val": VAL_SIZES, "test": TEST_SIZES}
     subsets = {(name, n): load_eval_split(catalog, "synthworld", name, base, NOVEL, n)
                for name in sizes for n in sizes[name]}
+    full = {name: subsets[name, max(sizes[name])] for name in sizes}   # the largest size: all images
 
     def reports(model, name, first_new, ids, offsets):
         """{n: {offset: EvalReport}} on the first n images of split ``name`` (one forward pass)."""
@@ -154,8 +154,7 @@ def run(args) -> None:
             finally:
                 merge.remove()
             line = {"shots": shots, "seed": seed, "parent_distill": args.parent_distill,
-                    "parent_bAP50": {f"{k}{n}": round(v, 5) for k in ref for n, v in ref[k].items()},
-                    "train_s": None}
+                    "parent_bAP50": {f"{k}{n}": round(v, 5) for k in ref for n, v in ref[k].items()}}
             for n in TEST_SIZES:
                 rep = own["test"][n]
                 line[f"test{n}"] = {

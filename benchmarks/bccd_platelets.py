@@ -21,8 +21,8 @@ Protocol (fixed before the run; nothing is chosen, so nothing is tuned on test):
    the new row is imprinted from the user's boxes before that, as there. With
    ``--parent-distill L`` the old classes' outputs are held to the expanded parent's with weight
    L (:mod:`fewshot.learning.parent_distillation`; add_classes applies 1 under ``--freeze
-   backbone``, and under ``none`` no longer, after this benchmark); off by default, as the runs
-   before it.
+   backbone`` and ``rpn-head``, and under ``none`` no longer, after this benchmark); off by
+   default, as the runs before it.
 4. The child is scored on the whole test split with pycocotools: nAP50 (Platelets) and bAP50
    (RBC, WBC); the parent's bAP50 on the same images is recorded once per variant.
 
@@ -82,8 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-distill", type=float, default=0.0, metavar="L",
                    help="weight of the distillation of RBC/WBC outputs from the expanded parent "
                         "(add_classes --parent-distill, fewshot.learning.parent_distillation; add_classes "
-                        "applies 1 under --freeze backbone only; here it acts wherever the box head "
-                        "trains: backbone or none); default 0: off, as the runs before it")
+                        "applies 1 under --freeze backbone and rpn-head; here it acts wherever the box head "
+                        "trains: backbone, rpn-head or none); default 0: off, as the runs before it")
     p.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     p.add_argument("--bccd", default=str(BCCD), help="the BCCD VOC folder")
     p.add_argument("--catalog", default=os.path.join(tempfile.gettempdir(), "fewshot-bccd-catalog"),

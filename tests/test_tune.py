@@ -290,6 +290,22 @@ def test_parent_distillation_weight_is_searched_under_freeze_backbone():
     assert space._trial_name(3, tuned).startswith("trial-03-backbone-None-b0-pd3-lr")
 
 
+def test_a_trial_without_lambda_summarises_to_a_config_that_applies():
+    """A trial sampled under a policy with no lambda in its space (--freeze rpn) has no
+    parent_distill: its summary leaves the key out (not None), so the best config it may become
+    applies with the caller's weight."""
+    from types import SimpleNamespace
+
+    sampled = {"freeze": "rpn", "balancer": "fixed", "balancer_momentum": 0.9, "distill_beta": 0.0,
+               "lr": 1e-3, "steps": 50}
+    result = SimpleNamespace(metrics={"trial_id": "t1", "step": 50, "HM50": 0.5}, path=None,
+                             config=sampled, error=None)
+    (summary,) = space._summaries([result], SimpleNamespace(runs={}))
+    assert summary.config == sampled and summary.completed
+    method, train = apply_to(summary.config, MethodOptions(parent_distill=1.0), TrainConfig())
+    assert method.freeze == "rpn" and method.parent_distill == 1.0 and train.steps == 50
+
+
 def test_job_refuses_bad_options_before_starting_anything():
     job = load_job("tune")
     assert job.main(["--num-workers", "2", "--mlflow-uri", "http://127.0.0.1:1"]) == 2

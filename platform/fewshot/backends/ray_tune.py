@@ -67,8 +67,8 @@ def search_space(max_steps: int, eval_every: int, distill: bool = True, freeze: 
     another); where add_classes applies parent distillation (``freeze`` backbone or rpn-head,
     :data:`~fewshot.learning.parent_distillation.PARENT_DISTILL_POLICIES`) its weight lambda
     from :data:`PARENT_DISTILL_WEIGHTS` (elsewhere it is skipped, so it is not searched)."""
-    box_head = ({"parent_distill": tune.choice(list(PARENT_DISTILL_WEIGHTS))}
-                if freeze in PARENT_DISTILL_POLICIES else {})
+    parent = ({"parent_distill": tune.choice(list(PARENT_DISTILL_WEIGHTS))}
+              if freeze in PARENT_DISTILL_POLICIES else {})
     return {
         "freeze": freeze,
         "balancer": tune.choice(list(balancer_names())),
@@ -76,7 +76,7 @@ def search_space(max_steps: int, eval_every: int, distill: bool = True, freeze: 
         "distill_beta": tune.choice(list(BETAS)) if distill else 0.0,
         "lr": tune.loguniform(*LR_RANGE),
         "steps": tune.choice(step_choices(max_steps, eval_every)),
-        **box_head,
+        **parent,
     }
 
 
@@ -307,7 +307,9 @@ def _summaries(results, logger: MlflowTrialLogger) -> list[TrialSummary]:
     for r in results:
         metrics = dict(r.metrics or {})
         trial_id = metrics.get("trial_id") or (Path(r.path).name if r.path else "?")
-        config = {k: r.config.get(k) for k in CONFIG_KEYS}
+        # only the keys the trial holds: a trial under a policy with no lambda has no parent_distill,
+        # and a None there would not apply (tuned_configs.apply_to keeps the caller's weight instead)
+        config = {k: r.config[k] for k in CONFIG_KEYS if k in r.config}
         completed = r.error is None and int(metrics.get("step", 0)) >= int(config.get("steps") or 0)
         out.append(TrialSummary(trial_id=trial_id, run_id=logger.runs.get(trial_id), config=config,
                                 metrics={k: metrics[k] for k in ("step", *VAL_KEYS) if k in metrics},

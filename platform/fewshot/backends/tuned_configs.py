@@ -69,7 +69,8 @@ def normalize_config(config: Mapping[str, Any], require_all: bool = False) -> di
 
     ``freeze``: one of the freezing policies; ``balancer``: ``None``/``"none"``/``fixed``/
     ``pgb``/``gradnorm``; ``balancer_momentum`` in [0, 1); ``distill_beta`` >= 0;
-    ``parent_distill`` >= 0; ``lr`` > 0; ``steps`` a positive integer. Raises ``ValueError`` naming the offending key."""
+    ``parent_distill`` >= 0; ``lr`` > 0; ``steps`` a positive integer. Raises ``ValueError``
+    naming the offending key."""
     if not isinstance(config, Mapping):
         raise ValueError(f"a config must be a JSON object of {CONFIG_KEYS}, got {type(config).__name__}")
     unknown = sorted(set(config) - set(CONFIG_KEYS))
@@ -238,8 +239,9 @@ def load_config(spec: str, uri: str, model_name: str) -> tuple[dict, str]:
 
 def apply_to(config: Mapping[str, Any], method: MethodOptions, train: TrainConfig) -> tuple[MethodOptions, TrainConfig]:
     """``method`` and ``train`` with a tuned config's values (balancer, its momentum, beta, lr,
-    steps, and the freezing policy and parent distillation weight when it names them) in place of theirs: how add_classes, a
-    Tune trial and the comparison all train the way the winning trial did."""
+    steps, and the freezing policy and parent distillation weight when it names them) in place
+    of theirs: how add_classes, a Tune trial and the comparison all train the way the winning
+    trial did."""
     cfg = normalize_config(config)
     method = replace(method, **{k: cfg[k] for k in ("balancer", "balancer_momentum", "distill_beta", "freeze",
                                                     "parent_distill") if k in cfg})

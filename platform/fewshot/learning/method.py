@@ -131,8 +131,9 @@ class MethodOptions:
     """Weight lambda of the distillation of the old classes' outputs (logits and box deltas on
     the sampled RoIs) from the parent, Shmelkov et al. 2017, so the box head that trains does
     not drift away from what the old classes need. Applied with --freeze backbone and rpn-head;
-    with head or rpn the old classes' outputs cannot move, and with none the backbone drifts under it (on
-    BCCD it cost the new class up to 13 AP50 points and kept no base AP50), so it is skipped.
+    with head or rpn the old classes' outputs cannot move, and with none the backbone drifts
+    under it (on BCCD it cost the new class up to 13 AP50 points and kept no base AP50), so it
+    is skipped there.
     None or 0 turns it off."""
 
     def check(self) -> None:

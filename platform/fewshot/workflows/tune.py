@@ -1,5 +1,6 @@
 """Ray Tune over add_classes fine-tuning (balancer, its smoothing, distillation beta,
-learning rate, steps and, where add_classes applies it, the parent distillation weight), with one MLflow parent run and one nested run per trial.
+learning rate, steps and, where add_classes applies it, the parent distillation weight), with
+one MLflow parent run and one nested run per trial.
 
 What one search does (``jobs/tune.py`` is the command line):
 
