@@ -63,6 +63,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "AP50 drop, 0.01 being add_classes' default "
                         "(e.g. off,0.01); every variant's increments start from the same base model of the seed "
                         "(a copy registered under the variant's model name), so the variants are paired")
+    p.add_argument("--freeze", default="head",
+                   help="comma-separated variants of add_classes' --freeze (head is its default; backbone and "
+                        "rpn-head add its old-class pseudo-labels and parent distillation); crossed with "
+                        "--bias-correction, every variant starting from the same base model of the seed")
     p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
     p.add_argument("--summarize", default="",
                    help="print the table (mean ± 95%% CI over the seeds) of the JSON lines in this file "
@@ -126,8 +130,14 @@ def latest_version(uri: str, model: str) -> int:
     return max(int(v.version) for v in MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{model}'"))
 
 
-def variant_model(seed: int, variant: str) -> str:
-    return f"increments-s{seed}" if variant == "off" else f"increments-s{seed}-bc{variant}"
+def variant_model(seed: int, variant: str, freeze: str = "head") -> str:
+    name = f"increments-s{seed}" if variant == "off" else f"increments-s{seed}-bc{variant}"
+    return name if freeze == "head" else f"{name}-fz{freeze}"
+
+
+def variant_label(result: dict) -> str:
+    """The add_classes flags a result line's chain ran with (lines from before --freeze ran head)."""
+    return f"--freeze {result.get('freeze', 'head')} --bias-correction {result.get('bias_correction', 'off')}"
 
 
 def fork_base(uri: str, source: str, target: str) -> None:
@@ -153,12 +163,13 @@ def fork_base(uri: str, source: str, target: str) -> None:
 
 
 def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[list[str]],
-          variant: str = "off", base_from: str | None = None) -> dict:
+          variant: str = "off", base_from: str | None = None, freeze: str = "head") -> dict:
     """One seed's chain; ``variant``: add_classes' --bias-correction ('off' or a drop);
-    ``base_from``: the model whose base version this chain starts from (else it trains one)."""
+    ``freeze``: its --freeze; ``base_from``: the model whose base version this chain starts from
+    (else it trains one)."""
     from fewshot.backends import registry
 
-    model = variant_model(seed, variant)
+    model = variant_model(seed, variant, freeze)
     common = ["--catalog", args.catalog, "--mlflow-uri", uri, "--model-name", model,
               "--experiment", "fewshot-increments"]
     steps = []
@@ -173,7 +184,7 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
     for i, group in enumerate(groups[1:], start=1):
         run(job("add_classes") + common + [
             "--classes", ",".join(group), "--shots", str(args.shots), "--steps", str(args.add_steps),
-            "--seed", str(seed + i), *correction], env)
+            "--seed", str(seed + i), "--freeze", freeze, *correction], env)
         version = latest_version(uri, model)
         verdict = gate_verdict(uri, model, version)
         if registry.get_alias(uri, model, registry.CHAMPION).version != version:
@@ -184,7 +195,7 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
         if variant != "off":
             step["offset"] = float(registry.get_version(uri, model, version).tags.get("bias_correction_offset", "nan"))
         steps.append(step)
-    out = {"seed": seed, "bias_correction": variant, "steps": steps}
+    out = {"seed": seed, "bias_correction": variant, "freeze": freeze, "steps": steps}
     if not args.no_upper_bound and base_from is None:
         joint = f"increments-joint-s{seed}"
         jcommon = common[:4] + ["--model-name", joint, "--experiment", "fewshot-increments"]
@@ -246,15 +257,15 @@ def plot(results: list[dict]):
 
 
 def paired_drops(off: list[dict], on: list[dict]) -> str:
-    """Per increment, over the seeds both variants ran: base drop with the correction minus
-    without, and the same for the new classes' AP50 (AP50 points, mean ± 95% CI)."""
+    """Per increment, over the seeds both variants ran: base drop of the variant ``on`` minus the
+    reference ``off``'s, and the same for the new classes' AP50 (AP50 points, mean ± 95% CI)."""
     from fewshot.metrics.stats import mean_ci95
 
     by_seed = {r["seed"]: r for r in off}
     pairs = [(by_seed[r["seed"]], r) for r in on if r["seed"] in by_seed]
     if not pairs:
         return ""
-    lines = ["| step | base drop, corrected − off | new group AP50, corrected − off | offsets chosen |",
+    lines = ["| step | base drop, variant − reference | new group AP50, variant − reference | offsets chosen |",
              "|---|---|---|---|"]
     for k in range(1, len(pairs[0][0]["steps"])):
         def drop(r):
@@ -278,21 +289,22 @@ def summarize(path: str) -> None:
         raise SystemExit(f"{path} holds no results")
     variants: dict[str, list[dict]] = {}
     for r in lines:
-        variants.setdefault(str(r.get("bias_correction", "off")), []).append(r)
+        variants.setdefault(variant_label(r), []).append(r)
     for variant, results in variants.items():
         seeds = ", ".join(str(r["seed"]) for r in results)
-        print(f"--bias-correction {variant}: {len(results)} seed(s) ({seeds}); mean ± 95% CI in AP50 points\n")
+        print(f"{variant}: {len(results)} seed(s) ({seeds}); mean ± 95% CI in AP50 points\n")
         print(table(results))
         joint = [r for r in results if "joint" in r]
         if joint and len(joint) < len(results):
             print(f"\nupper bound of seed(s) {', '.join(str(r['seed']) for r in joint)} only:")
             print(table(joint).splitlines()[-1])
         print()
+    reference = next(iter(variants))  # the first variant in the file: the one the others pair with
     for variant, results in variants.items():
-        if variant != "off" and "off" in variants:
-            text = paired_drops(variants["off"], results)
+        if variant != reference:
+            text = paired_drops(variants[reference], results)
             if text:
-                print(f"--bias-correction {variant} against off, {text}\n")
+                print(f"{variant} against {reference}, {text}\n")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -302,6 +314,7 @@ def main(args: argparse.Namespace) -> None:
 
     from catalog import Catalog
     from catalog.world import build_world
+    from fewshot.learning.freezing import POLICIES
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), str(ROOT),
                                                         os.environ.get("PYTHONPATH", "")])}
@@ -319,26 +332,31 @@ def main(args: argparse.Namespace) -> None:
         env["MLFLOW_TRACKING_URI"] = uri
         env["RAY_ADDRESS"] = args.ray_address
         t0 = time.time()
-        variants = [v.strip() for v in args.bias_correction.split(",") if v.strip()]
-        for v in variants:
+        corrections = [v.strip() for v in args.bias_correction.split(",") if v.strip()]
+        for v in corrections:
             if v != "off":
                 float(v)  # a drop, e.g. 0.01: fail before any job runs
-        by_variant: dict[str, list[dict]] = {v: [] for v in variants}
+        freezes = [f.strip() for f in args.freeze.split(",") if f.strip()]
+        unknown = sorted(set(freezes) - set(POLICIES))
+        if unknown:
+            raise SystemExit(f"unknown --freeze {unknown}; add_classes knows {list(POLICIES)}")
+        variants = [(fz, bc) for fz in freezes for bc in corrections]
+        by_variant: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
         for seed in (int(s) for s in args.seeds.split(",")):
             first = None
-            for variant in variants:
-                r = chain(args, catalog, manifest, uri, env, seed, groups, variant,
-                          base_from=None if first is None else variant_model(seed, first))
-                first = first or variant
-                by_variant[variant].append(r)
+            for fz, bc in variants:
+                r = chain(args, catalog, manifest, uri, env, seed, groups, bc, freeze=fz,
+                          base_from=None if first is None else variant_model(seed, first[1], first[0]))
+                first = first or (fz, bc)
+                by_variant[(fz, bc)].append(r)
                 if args.json_out:
                     with open(args.json_out, "a") as f:
                         f.write(json.dumps({**r, "args": vars(args)}) + "\n")
         results = by_variant[variants[0]]
         for variant in variants[1:]:
-            print(f"\n--bias-correction {variant}:\n{table(by_variant[variant])}", flush=True)
-            if variants[0] == "off":
-                print(paired_drops(by_variant["off"], by_variant[variant]), flush=True)
+            print(f"\n{variant_label(by_variant[variant][0])}:\n{table(by_variant[variant])}", flush=True)
+            print(f"against {variant_label(results[0])}, "
+                  f"{paired_drops(results, by_variant[variant])}", flush=True)
         text = table(results)
         print(f"\n{len(results)} seed(s), {args.shots} shots, preset {args.preset}, "
               f"{args.test_images} test images; mean ± 95% CI in AP50 points (MeanCI.format prints fractions as points) ({time.time() - t0:.0f} s)\n")
@@ -354,6 +372,10 @@ def main(args: argparse.Namespace) -> None:
                                           sum(r["steps"][k][key] for r in results) / len(results), step=k)
             mlflow.log_text(text, "increments_table.md")
             mlflow.log_figure(plot(results), "increments_ap50.png")
+            for fz, bc in variants[1:]:  # the other variants' tables and plots beside the first's
+                suffix = f"freeze-{fz}_bc-{bc}"
+                mlflow.log_text(table(by_variant[(fz, bc)]), f"increments_table_{suffix}.md")
+                mlflow.log_figure(plot(by_variant[(fz, bc)]), f"increments_ap50_{suffix}.png")
 
 
 if __name__ == "__main__":
