@@ -7,7 +7,8 @@ The protocol, fixed before the run:
 * classes in category-id order: the first 10 are the base, the next 4, 3 and 3 the increments;
 * the base model and the upper bound: ``jobs/base_train.py`` with the same preset, steps,
   workers and seed; each increment: ``jobs/add_classes.py`` at ``--shots`` K with the product's
-  defaults (replay exemplars, the gate on val) and seed ``seed + i``;
+  defaults (replay exemplars, the gate on val) and seed ``seed + i``; ``--freeze`` and
+  ``--bias-correction`` name variants, each chain of a seed starting from the same base model;
 * the gate decides on val as always; when it refuses a child, the protocol promotes it anyway
   with ``jobs/promote.py --version N --reason ...`` (what a user who accepts the drop does) and
   the table says so, so the next increment still starts from the previous step;
@@ -23,6 +24,7 @@ runs once per seed and the table gives mean ± 95% t-interval.
 
     python benchmarks/three_increments.py --catalog /tmp/fewshot-quality-catalog --seeds 0
     python benchmarks/three_increments.py --summarize benchmarks/results_three_increments.jsonl
+    python benchmarks/three_increments.py --val-log run.log   # the gate's val figures per variant
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "rpn-head add its old-class pseudo-labels and parent distillation); crossed with "
                         "--bias-correction, every variant starting from the same base model of the seed")
     p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
+    p.add_argument("--val-log", default="",
+                   help="print the val figures (the gate's 150 images) of every add_classes job in this console "
+                        "log of a run, per --freeze variant and paired against the first, and exit")
     p.add_argument("--summarize", default="",
                    help="print the table (mean ± 95%% CI over the seeds) of the JSON lines in this file "
                         "and exit; runs nothing (the upper-bound row needs it in every line)")
@@ -122,6 +127,71 @@ def gate_verdict(uri: str, model: str, version: int) -> str:
     from mlflow import MlflowClient
 
     return MlflowClient(uri, registry_uri=uri).get_model_version(model, str(version)).tags.get("gate", "?")
+
+
+def val_figures(uri: str, model: str, version: int) -> dict:
+    """The val figures add_classes logged for ``version`` (150 val images, the gate's): the child's
+    nAP50 and bAP50 as served and the parent's bAP50, as fractions; {} when its run lacks them."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    run_id = client.get_model_version(model, str(version)).run_id
+    metrics = client.get_run(run_id).data.metrics if run_id else {}
+    keys = {"nAP50": "val_nAP50", "bAP50": "val_bAP50", "parent_bAP50": "parent_val_bAP50"}
+    return {k: metrics[m] for k, m in keys.items() if m in metrics}
+
+
+def val_figures_from_log(path: str) -> list[dict]:
+    """The same val figures read back from a run's console log, for runs made before the JSON
+    lines held them: per add_classes job, its flags (model, seed, freeze) and the lines it prints
+    for the chosen logit offset (child's val bAP50 and nAP50) and the gate (parent's val bAP50)."""
+    import re
+
+    jobs: list[dict] = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if line.startswith("$ ") and "add_classes.py" in line:
+            flags = dict(re.findall(r"--([\w-]+) (\S+)", line))
+            jobs.append({"model": flags["model-name"], "seed": int(flags["seed"]),
+                         "freeze": flags.get("freeze", "head")})
+        elif jobs and (m := re.search(r"logit offset \S+: val bAP50 ([\d.]+) nAP50 ([\d.]+)", line)):
+            jobs[-1].update(bAP50=float(m.group(1)), nAP50=float(m.group(2)))
+        elif jobs and (m := re.search(r"^gate \(val.*as served ([\d.]+) \(unrefined parent\)", line)):
+            jobs[-1]["parent_bAP50"] = float(m.group(1))
+    return [j for j in jobs if {"bAP50", "nAP50", "parent_bAP50"} <= set(j)]
+
+
+def val_table(jobs: list[dict]) -> str:
+    """Val HM50 of each step's child per --freeze variant, and every variant paired against the
+    first one (the chains' seed is the model name's; step i ran with add_classes --seed seed + i)."""
+    import re
+
+    from fewshot.metrics.stats import mean_ci95
+
+    def hm(b, n):
+        return 2 * b * n / (b + n) if b + n > 0 else 0.0
+
+    rows: dict[tuple[str, int], dict[int, dict]] = {}
+    for j in jobs:
+        chain_seed = int(re.search(r"increments-s(\d+)", j["model"]).group(1))
+        rows.setdefault((j["freeze"], j["seed"] - chain_seed), {})[chain_seed] = j
+    freezes = list(dict.fromkeys(f for f, _ in rows))
+    lines = ["| step | --freeze | val nAP50 | val bAP50 | val base change | val HM50 | HM50 paired vs "
+             f"{freezes[0]} |", "|---|---|---|---|---|---|---|"]
+    for step in sorted({s for _, s in rows}):
+        ref = rows.get((freezes[0], step), {})
+        for fz in freezes:
+            by_seed = rows.get((fz, step), {})
+            if not by_seed:
+                continue
+            js = list(by_seed.values())
+            paired = [hm(by_seed[k]["bAP50"], by_seed[k]["nAP50"]) - hm(ref[k]["bAP50"], ref[k]["nAP50"])
+                      for k in by_seed if k in ref]
+            cells = [mean_ci95(j["nAP50"] for j in js).format(), mean_ci95(j["bAP50"] for j in js).format(),
+                     mean_ci95(j["bAP50"] - j["parent_bAP50"] for j in js).format(),
+                     mean_ci95(hm(j["bAP50"], j["nAP50"]) for j in js).format(),
+                     "-" if fz == freezes[0] or not paired else mean_ci95(paired).format()]
+            lines.append(f"| +inc{step} | {fz} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def latest_version(uri: str, model: str) -> int:
@@ -191,7 +261,8 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
             run(job("promote") + common[:6] + ["--version", str(version), "--reason",
                                                f"three-increments protocol: step {i} continues from it"], env)
             verdict += " (promoted by the protocol)"
-        step = {"step": f"+inc{i}", "gate": verdict, **score_champion(catalog, uri, model, groups, args.test_images)}
+        step = {"step": f"+inc{i}", "gate": verdict, "val": val_figures(uri, model, version),
+                **score_champion(catalog, uri, model, groups, args.test_images)}
         if variant != "off":
             step["offset"] = float(registry.get_version(uri, model, version).tags.get("bias_correction_offset", "nan"))
         steps.append(step)
@@ -310,6 +381,8 @@ def summarize(path: str) -> None:
 def main(args: argparse.Namespace) -> None:
     if args.summarize:
         return summarize(args.summarize)
+    if args.val_log:
+        return print(val_table(val_figures_from_log(args.val_log)))
     import mlflow
 
     from catalog import Catalog

@@ -68,8 +68,8 @@ def test_missing_champion_is_a_clear_error(tiny_catalog, mlflow_uri):
 
 
 @pytest.mark.parametrize("method, expected", [
-    (MethodOptions(balancer="pgb"), "--balancer pgb act on the shared RoI feature"),
-    (MethodOptions(distill_beta=0.5, teacher="embedded"), "--distill-beta 0.5 act on the shared RoI feature"),
+    (MethodOptions(balancer="pgb", freeze="head"), "--balancer pgb act on the shared RoI feature"),
+    (MethodOptions(distill_beta=0.5, teacher="embedded", freeze="head"), "--distill-beta 0.5 act on the shared RoI feature"),
     (MethodOptions(distill_beta=0.5, freeze="backbone"), "needs a CLIP teacher"),
     (MethodOptions(balancer="gradnorm", freeze="rpn"), "does not train with --freeze rpn"),
 ])
@@ -104,7 +104,7 @@ def test_the_plan_carries_what_validation_read(tiny_catalog, mlflow_uri, champio
         assert plan.parent_ckpt.classes == plan.parent.classes
         assert plan.train_table.num_rows == tiny_catalog.manifest("synthworld").splits["train"]
         assert len(plan.val.rows) == 4 and plan.test is not None and len(plan.test.rows) == 4
-        assert plan.val.novel_ids == plan.new_ids and plan.method.freeze == "head"
+        assert plan.val.novel_ids == plan.new_ids and plan.method.freeze == "backbone"
         assert plan.work.is_dir()
     finally:
         import shutil

@@ -36,10 +36,9 @@ def champion(tiny_catalog, mlflow_uri, tmp_path_factory):
 def _in_space(config: dict, max_steps: int, eval_every: int, distill: bool) -> None:
     """A sampled configuration, or add_classes' defaults (the search's first trial)."""
     assert set(config) == set(TUNABLE_KEYS) | {"freeze", "parent_distill"}
-    if config["freeze"] == "head":
-        assert config == tuning.default_trial(max_steps)
-        return
     assert config["freeze"] == "backbone"
+    if config == tuning.default_trial(max_steps):
+        return
     assert config["balancer"] in ("fixed", "pgb", "gradnorm")
     assert space.MOMENTUM_RANGE[0] <= config["balancer_momentum"] < space.MOMENTUM_RANGE[1]
     assert config["distill_beta"] in (space.BETAS if distill else (0.0,))
@@ -75,18 +74,19 @@ def test_search_logs_nested_runs_and_stores_best(tiny_catalog, mlflow_uri, champ
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == samples
-    # trial 0 is add_classes' defaults (freeze head, no balancer, steps capped at --max-steps);
-    # the others are sampled under the search's --freeze
+    # trial 0 is add_classes' defaults (its freeze policy, no balancer, steps capped at
+    # --max-steps); the others are sampled under the search's --freeze
     default = tuning.default_trial(max_steps)
     assert json.loads(parent.data.params["default_trial"]) == default
     first = [c for c in children if c.data.tags["mlflow.runName"].startswith("trial-00-")]
     assert len(first) == 1
-    assert first[0].data.params["freeze"] == "head" and first[0].data.params["balancer"] == "none"
+    assert first[0].data.params["freeze"] == AddClassesOptions().method.freeze == "backbone"
+    assert first[0].data.params["balancer"] == "none"
     assert first[0].data.params["lr"] == str(default["lr"]) and first[0].data.params["steps"] == str(max_steps)
     for child in children:
         params = child.data.params
         assert {"balancer", "balancer_momentum", "distill_beta", "lr", "steps", "freeze"} <= set(params)
-        assert params["freeze"] == ("head" if child is first[0] else "backbone")
+        assert params["freeze"] == "backbone"
         history = client.get_metric_history(child.info.run_id, "val/HM50")
         assert history, f"trial run {child.info.run_id} has no val curve"
         steps = [m.step for m in history]
@@ -248,7 +248,7 @@ def test_load_config_errors(tiny_catalog, mlflow_uri, champion, tmp_path):
 
 def test_a_config_may_name_its_freezing_policy():
     """A tuned config carries ``freeze`` when its trial named one (add_classes' defaults trial:
-    'head'); applying it sets the policy, and a config without it keeps the caller's."""
+    'backbone'); applying it sets the policy, and a config without it keeps the caller's."""
     full = {**tuning.default_config(), "freeze": "head"}
     assert normalize_config(full, require_all=True) == full
     method, train = apply_to(full, MethodOptions(freeze="backbone"), TrainConfig())
@@ -261,7 +261,7 @@ def test_a_config_may_name_its_freezing_policy():
     steps = AddClassesOptions().train.steps
     assert tuning._is_default(tuning.default_trial(steps))
     assert not tuning._is_default(tuning.default_trial(steps - 1))
-    assert not tuning._is_default({**tuning.default_trial(steps), "freeze": "backbone"})
+    assert not tuning._is_default({**tuning.default_trial(steps), "freeze": "head"})
 
 
 def test_parent_distillation_weight_is_searched_under_freeze_backbone():
@@ -339,7 +339,7 @@ def test_defaults_win_then_no_self_comparison(tiny_catalog, mlflow_uri, champion
     client = registry.client(mlflow_uri)
     exp = client.get_experiment_by_name(experiment)
     parent = client.search_runs([exp.experiment_id], "tags.job = 'tune'")[0]
-    assert parent.data.params["best.freeze"] == "head" and parent.data.params["best.balancer"] == "none"
+    assert parent.data.params["best.freeze"] == "backbone" and parent.data.params["best.balancer"] == "none"
     assert parent.data.tags["compare"].startswith("skipped")
     assert not any(k.startswith("compare_") for k in parent.data.metrics)
     config, _ = load_config("best", mlflow_uri, MODEL)

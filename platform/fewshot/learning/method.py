@@ -104,12 +104,13 @@ class MethodOptions:
     """The learning method as a user states it (job flags, a YAML config file, a tuned
     config); :meth:`config` turns it into the :class:`MethodConfig` a run trains with."""
 
-    freeze: FreezePolicy = "head"
-    """What trains: head = only the new classifier rows (old classes untouched); rpn = the new rows
-    and the region proposal network (for new classes the base RPN learnt as background); backbone
-    = box head and regressor with the new rows (backbone and RPN frozen); rpn-head = all of those
-    (only the backbone frozen); none = everything. The balancer and distillation act on the
-    shared RoI feature, so they need backbone, rpn-head or none."""
+    freeze: FreezePolicy = "backbone"
+    """What trains: backbone (default) = box head and regressor with the new rows (backbone and
+    RPN frozen; old-class pseudo-labels and parent distillation hold the old classes); head =
+    only the new classifier rows (old classes' weights untouched); rpn = the new rows and the
+    region proposal network; rpn-head = RPN, box head and new rows (only the backbone frozen: for
+    new classes the base RPN learnt as background); none = everything. The balancer and
+    distillation act on the shared RoI feature, so they need backbone, rpn-head or none."""
     balancer: BalancerName | None = None
     """Task-gradient balancer where the shared RoI feature splits into the classification and
     box branches: fixed weights, pgb (precision-driven, MTL-FSOD) or gradnorm (inverse gradient
