@@ -1,8 +1,11 @@
 """Re-derive add_classes' fine-tuning defaults on the val split (never test).
 
 Each candidate (freeze policy, learning rate) fine-tunes the same base model on the same K-shot
-draws (seeds 0..N-1) in this process, exactly as add_classes does (imprinted rows, replay
-exemplars, 150 steps), and is scored on the first ``--val-images`` images of the val split.
+draws (seeds 0..N-1) in this process as add_classes did when it was written (imprinted rows,
+replay exemplars, 150 steps; without the old-class pseudo-labels, parent distillation and bias
+correction add_classes applies since, so the freeze default is now chosen from the increment
+chains' val figures: ``three_increments.py --val-log``), and is scored on the first
+``--val-images`` images of the val split.
 Prints mean val HM50 / nAP50 / bAP50 with 95% t-intervals and the paired difference to the
 first candidate; the candidate with the best mean val HM50 is the one to make the default.
 

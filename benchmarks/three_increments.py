@@ -65,14 +65,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "AP50 drop, 0.01 being add_classes' default "
                         "(e.g. off,0.01); every variant's increments start from the same base model of the seed "
                         "(a copy registered under the variant's model name), so the variants are paired")
-    p.add_argument("--freeze", default="head",
-                   help="comma-separated variants of add_classes' --freeze (head is its default; backbone and "
-                        "rpn-head add its old-class pseudo-labels and parent distillation); crossed with "
+    p.add_argument("--freeze", default="backbone",
+                   help="comma-separated variants of add_classes' --freeze (backbone is its default, with "
+                        "old-class pseudo-labels and parent distillation; head trains the new rows only, "
+                        "add_classes' default before 2026-12-05); crossed with "
                         "--bias-correction, every variant starting from the same base model of the seed")
     p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
     p.add_argument("--val-log", default="",
                    help="print the val figures (the gate's 150 images) of every add_classes job in this console "
-                        "log of a run, per --freeze variant and paired against the first, and exit")
+                        "log of a run, per variant (--freeze, --bias-correction) and paired against the first, "
+                        "and exit")
     p.add_argument("--summarize", default="",
                    help="print the table (mean ± 95%% CI over the seeds) of the JSON lines in this file "
                         "and exit; runs nothing (the upper-bound row needs it in every line)")
@@ -152,7 +154,8 @@ def val_figures_from_log(path: str) -> list[dict]:
         if line.startswith("$ ") and "add_classes.py" in line:
             flags = dict(re.findall(r"--([\w-]+) (\S+)", line))
             jobs.append({"model": flags["model-name"], "seed": int(flags["seed"]),
-                         "freeze": flags.get("freeze", "head")})
+                         "variant": f"{flags.get('freeze', 'head')}, bias correction "
+                                    f"{flags.get('bias-correction', 'None')}"})
         elif jobs and (m := re.search(r"logit offset \S+: val bAP50 ([\d.]+) nAP50 ([\d.]+)", line)):
             jobs[-1].update(bAP50=float(m.group(1)), nAP50=float(m.group(2)))
         elif jobs and (m := re.search(r"^gate \(val.*as served ([\d.]+) \(unrefined parent\)", line)):
@@ -161,8 +164,9 @@ def val_figures_from_log(path: str) -> list[dict]:
 
 
 def val_table(jobs: list[dict]) -> str:
-    """Val HM50 of each step's child per --freeze variant, and every variant paired against the
-    first one (the chains' seed is the model name's; step i ran with add_classes --seed seed + i)."""
+    """Val HM50 of each step's child per variant (--freeze, --bias-correction), and every variant
+    paired against the first one (the chains' seed is the model name's; step i ran with
+    add_classes --seed seed + i)."""
     import re
 
     from fewshot.metrics.stats import mean_ci95
@@ -173,10 +177,10 @@ def val_table(jobs: list[dict]) -> str:
     rows: dict[tuple[str, int], dict[int, dict]] = {}
     for j in jobs:
         chain_seed = int(re.search(r"increments-s(\d+)", j["model"]).group(1))
-        rows.setdefault((j["freeze"], j["seed"] - chain_seed), {})[chain_seed] = j
+        rows.setdefault((j["variant"], j["seed"] - chain_seed), {})[chain_seed] = j
     freezes = list(dict.fromkeys(f for f, _ in rows))
-    lines = ["| step | --freeze | val nAP50 | val bAP50 | val base change | val HM50 | HM50 paired vs "
-             f"{freezes[0]} |", "|---|---|---|---|---|---|---|"]
+    lines = ["| step | --freeze, --bias-correction | val nAP50 | val bAP50 | val base change | val HM50 | "
+             f"HM50 paired vs {freezes[0]} |", "|---|---|---|---|---|---|---|"]
     for step in sorted({s for _, s in rows}):
         ref = rows.get((freezes[0], step), {})
         for fz in freezes:
