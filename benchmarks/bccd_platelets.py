@@ -271,6 +271,10 @@ def summarize(*paths: str) -> str:
     pairs += [("lite0-imagenet --freeze rpn-head --pseudo-labels 0.9 --parent-distill 1", b)
               for b in ("lite0-imagenet --freeze rpn --pseudo-labels 0.9",
                         "lite0-imagenet --freeze backbone --pseudo-labels 0.9 --parent-distill 1")]
+    # add_classes' default since 2026-12-05 (backbone with pseudo-labels and lambda 1) and rpn-head
+    # against the default before (head)
+    pairs += [(f"lite0-imagenet --freeze {f} --pseudo-labels 0.9 --parent-distill 1", "lite0-imagenet --freeze head")
+              for f in ("backbone", "rpn-head")]
     diff_lines = []
     for a, b in pairs:
         for shots in sorted({s for (_, s) in by}):
