@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -147,8 +148,6 @@ def val_figures_from_log(path: str) -> list[dict]:
     """The same val figures read back from a run's console log, for runs made before the JSON
     lines held them: per add_classes job, its flags (model, seed, freeze) and the lines it prints
     for the chosen logit offset (child's val bAP50 and nAP50) and the gate (parent's val bAP50)."""
-    import re
-
     jobs: list[dict] = []
     for line in Path(path).read_text(errors="replace").splitlines():
         if line.startswith("$ ") and "add_classes.py" in line:
@@ -167,12 +166,8 @@ def val_table(jobs: list[dict]) -> str:
     """Val HM50 of each step's child per variant (--freeze, --bias-correction), and every variant
     paired against the first one (the chains' seed is the model name's; step i ran with
     add_classes --seed seed + i)."""
-    import re
-
+    from fewshot.metrics.coco_eval import harmonic_mean as hm
     from fewshot.metrics.stats import mean_ci95
-
-    def hm(b, n):
-        return 2 * b * n / (b + n) if b + n > 0 else 0.0
 
     rows: dict[tuple[str, int], dict[int, dict]] = {}
     for j in jobs:
@@ -331,13 +326,13 @@ def plot(results: list[dict]):
     return fig
 
 
-def paired_drops(off: list[dict], on: list[dict]) -> str:
-    """Per increment, over the seeds both variants ran: base drop of the variant ``on`` minus the
-    reference ``off``'s, and the same for the new classes' AP50 (AP50 points, mean ± 95% CI)."""
+def paired_drops(reference: list[dict], variant: list[dict]) -> str:
+    """Per increment, over the seeds both variants ran: base drop of ``variant`` minus the
+    ``reference``'s, and the same for the new classes' AP50 (AP50 points, mean ± 95% CI)."""
     from fewshot.metrics.stats import mean_ci95
 
-    by_seed = {r["seed"]: r for r in off}
-    pairs = [(by_seed[r["seed"]], r) for r in on if r["seed"] in by_seed]
+    by_seed = {r["seed"]: r for r in reference}
+    pairs = [(by_seed[r["seed"]], r) for r in variant if r["seed"] in by_seed]
     if not pairs:
         return ""
     lines = ["| step | base drop, variant − reference | new group AP50, variant − reference | offsets chosen |",

@@ -30,7 +30,8 @@ from fewshot.learning.method import MethodOptions
 
 TUNABLE_KEYS = ("balancer", "balancer_momentum", "distill_beta", "lr", "steps")
 # a config may also name the freezing policy it was trained with (a search can hold trials
-# under different policies: add_classes' defaults, under "head", beside "backbone" trials) and
+# under different policies: add_classes' defaults under their policy, beside the sampled
+# trials under the search's --freeze) and
 # the parent distillation weight (searched only where add_classes applies it; records written
 # before it was a key leave it out, and add_classes' default applies)
 OPTIONAL_KEYS = ("freeze", "parent_distill")
