@@ -9,7 +9,8 @@ the same support draw of the same parent, so a variant of one run pairs with ``-
 another. Prints, per shot count, each variant's mean ± 95% CI (nAP50, bAP50, and their
 unrefined figures when the rows carry them) and its paired difference to ``--against``. With
 ``--corrected`` the "unrefined" columns are the detector's figures after add_classes' bias
-correction (``*_corrected``, rows of runs since the parent-distillation variants).
+correction (``*_corrected``, rows of runs since the parent-distillation variants); with
+``--per-increment`` the detector's figures with per-increment scoring (``*_per_increment``).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrected", action="store_true",
                    help="compare the detector's figures after bias correction (nAP50_corrected, bAP50_corrected) "
                         "instead of its uncorrected ones")
+    p.add_argument("--per-increment", action="store_true",
+                   help="compare the detector's figures with per-increment scoring (nAP50_per_increment, "
+                        "bAP50_per_increment; rows of runs since add_classes scores that way)")
     args = p.parse_args(argv)
     from fewshot.metrics.stats import mean_ci95
 
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         figure after bias correction (None when the run did not record it)."""
         if args.corrected:
             return r.get(f"{metric}_corrected")
+        if args.per_increment:
+            return r.get(f"{metric}_per_increment")
         if f"{metric}_unrefined" in r:
             return r[f"{metric}_unrefined"]
         return r[metric] if r.get("fusion_weight") is None else None
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     pts = lambda x: 100.0 * float(x)  # noqa: E731
     for k in shots:
         print(f"\n{k}-shot (AP50 points, mean ± 95% CI over the draws both variants ran)\n")
-        own = "corrected" if args.corrected else "unrefined"
+        own = "corrected" if args.corrected else "per-increment" if args.per_increment else "unrefined"
         print(f"| variant | nAP50 | bAP50 | {own} nAP50 | {own} bAP50 | paired Δ {own} nAP50 "
               f"vs {args.against} | paired Δ {own} bAP50 |" + (" bAP50 − parent |" if args.parent_bAP50 else ""))
         print("|---|---|---|---|---|---|---|" + ("---|" if args.parent_bAP50 else ""))

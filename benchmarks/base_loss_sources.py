@@ -29,7 +29,23 @@ test. One JSON line per draw to ``--out``; ``--summarize`` prints the tables::
         --out benchmarks/results_base_loss_sources.jsonl            # then --first-seed 5 --seeds 5
     python benchmarks/base_loss_sources.py --summarize benchmarks/results_base_loss_sources.jsonl
 
-Torch only (no Ray, no MLflow); about 50 s per draw on one core.
+**Per-increment scoring** (``per_increment`` in each line, added with it): the same child with
+each class scored against the classes that existed when it was added
+(:mod:`fewshot.model.cosine_head`), which takes the competition out of the old classes' scores
+by construction; its test figures, and add_classes' offset rule judged on it.
+
+**Weight-space interpolation** (``--alphas``, added after the tables above were read): WiSE-FT
+(Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022, Eq. 1) averages the
+fine-tuned weights with the ones fine-tuning started from, ``theta_alpha = (1 - alpha) theta_0 +
+alpha theta_1``; here ``theta_0`` is the expanded parent (old rows and box head the parent's, new
+rows imprinted) and ``theta_1`` the child, so ``alpha < 1`` walks the box head, regressor and
+every row back toward the parent (``--interpolate shared``: the box head, regressor and old rows
+only, the child's new rows kept as trained). Per draw and alpha: the test drop and nAP50, and the same
+selection on val as the bias correction's: for each alpha add_classes' offset rule, then the
+largest alpha whose rule is met (else the best val harmonic mean over alpha and offset), judged
+on 150 and on 300 val images.
+
+Torch only (no Ray, no MLflow); about 50 s per draw on one core (more with ``--alphas``).
 """
 from __future__ import annotations
 
@@ -64,6 +80,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, default=0, metavar="F", help="first draw seed (to extend a run)")
     p.add_argument("--parent-distill", type=float, default=1.0, metavar="L",
                    help="parent distillation weight (add_classes' default 1)")
+    p.add_argument("--alphas", default="", metavar="A,B",
+                   help="also score the child interpolated toward its start, (1-a) start + a child, at "
+                        "these a in (0, 1) (WiSE-FT; empty: skip)")
+    p.add_argument("--interpolate", default="all", metavar="MODES",
+                   help="what --alphas interpolates, comma-separated: all (every weight, WiSE-FT) and/or "
+                        "shared (keep the child's new rows)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results_base_loss_sources.jsonl"),
                    help="append one JSON line per draw here")
@@ -121,11 +143,11 @@ def run(args) -> None:
                for name in sizes for n in sizes[name]}
     full = {name: subsets[name, max(sizes[name])] for name in sizes}   # the largest size: all images
 
-    def reports(model, name, first_new, ids, offsets):
+    def reports(model, name, first_new, ids, offsets, ns=None):
         """{n: {offset: EvalReport}} on the first n images of split ``name`` (one forward pass)."""
         stages = collect_second_stage(model, full[name].rows, device="cpu", trunk_cache=cache)
         out = {}
-        for n in sizes[name]:
+        for n in ns or sizes[name]:
             keep = {int(r["image_id"]) for r in subsets[name, n].rows}
             kept = [s for s in stages if s.image_id in keep]
             out[n] = {o: subsets[name, n].evaluate(detections_with_offset(model, kept, first_new, o, ids))
@@ -135,6 +157,12 @@ def run(args) -> None:
     parent_model = parent.build_model().eval()
     ref = {name: {n: r[0.0].bAP50 for n, r in reports(parent_model, name, 10**6, parent.category_ids,
                                                         (0.0,)).items()} for name in sizes}
+    alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    if any(not 0 < a < 1 for a in alphas):
+        raise SystemExit(f"--alphas must lie in (0, 1), got {args.alphas}")
+    modes = [m.strip() for m in args.interpolate.split(",") if m.strip()]
+    if not modes or set(modes) - {"all", "shared"}:
+        raise SystemExit(f"--interpolate takes all and/or shared, got {args.interpolate!r}")
     cfg = TrainConfig(steps=150, batch_size=8, lr=5e-4, warmup_steps=20, log_every=150)   # add_classes'
     method = MethodConfig(freeze="backbone", parent_distill=args.parent_distill)
     num_old = len(base) + 1
@@ -170,10 +198,86 @@ def run(args) -> None:
                     "offset": offset, "met": met, "val_drop": round(ref["val"][n] - val[offset].bAP50, 5),
                     **{f"test{t}_drop": round(ref["test"][t] - own["test"][t][offset].bAP50, 5) for t in TEST_SIZES},
                     **{f"test{t}_nAP50": round(own["test"][t][offset].nAP50, 5) for t in TEST_SIZES}}
+            model.roi_heads.box_predictor.cls_score.set_scoring(True)
+            grouped = {name: reports(model, name, num_old, child.category_ids, OFFSETS) for name in sizes}
+            model.roi_heads.box_predictor.cls_score.set_scoring(False)
+            line["per_increment"] = per_increment_line(grouped, own, ref)
+            for mode in modes if alphas else ():
+                line[f"interpolation_{mode}"] = interpolation_line(
+                    own, {a: {name: reports(interpolated(start, child, a, mode), name, num_old, child.category_ids,
+                                            OFFSETS, ns)
+                              for name, ns in (("val", WISE_VAL), ("test", (TEST_SIZES[-1],)))}
+                          for a in alphas}, ref)
             line["train_s"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(line), flush=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(line) + "\n")
+
+
+def per_increment_line(grouped, joint, ref) -> dict:
+    """Per-increment scoring's test drop and nAP50 (offset 0), the val figures of both scorings
+    (what a choice between them sees), and add_classes' offset rule on per-increment scores."""
+    from fewshot.learning.bias_correction import choose_offset
+
+    out = {f"test{t}": {"drop": round(ref["test"][t] - grouped["test"][t][0.0].bAP50, 5),
+                        "nAP50": round(grouped["test"][t][0.0].nAP50, 5)} for t in TEST_SIZES}
+    for n in VAL_SIZES:
+        out[f"val{n}"] = {f"{k}{m}": round(ref["val"][n] - r[n][0.0].bAP50 if m == "drop" else r[n][0.0].nAP50, 5)
+                          for k, r in (("", grouped["val"]), ("joint_", joint["val"])) for m in ("drop", "nAP50")}
+    for n in VAL_SIZES:
+        offset, met = choose_offset(grouped["val"][n], ref["val"][n], 0.01)
+        out[f"rule_val{n}"] = {"offset": offset, "met": met,
+                               "val_drop": round(ref["val"][n] - grouped["val"][n][offset].bAP50, 5),
+                               **{f"test{t}_drop": round(ref["test"][t] - grouped["test"][t][offset].bAP50, 5)
+                                  for t in TEST_SIZES},
+                               **{f"test{t}_nAP50": round(grouped["test"][t][offset].nAP50, 5) for t in TEST_SIZES}}
+    return out
+
+
+WISE_VAL = (150, 300)   # the val sizes the interpolation's selection is judged on
+
+
+NEW_ROW_KEYS = ("cls_score.weight_new", "cls_score.logit_bias")   # the rows add_classes added
+
+
+def interpolated(start, child, alpha: float, mode: str = "all"):
+    """The child's model with every float weight at ``(1 - alpha) start + alpha child`` (WiSE-FT
+    Eq. 1); frozen weights are equal in both, so only what fine-tuning moved changes. ``mode``
+    ``shared`` keeps the child's new rows (and logit biases) as trained."""
+    theta0, theta1 = start.state_dict, child.state_dict
+    keep = (lambda k: k.endswith(NEW_ROW_KEYS)) if mode == "shared" else (lambda k: False)
+    mixed = {k: v if keep(k) or not v.is_floating_point() else torch.lerp(theta0[k].float(), v.float(),
+                                                                           alpha).to(v.dtype)
+             for k, v in theta1.items()}
+    model = child.build_model().eval()
+    model.load_state_dict(mixed)
+    return model
+
+
+def interpolation_line(own, mixed, ref) -> dict:
+    """Per alpha the test drop and nAP50 (offset 0), and per val size the selection: add_classes'
+    offset rule at every alpha, the largest alpha that meets it, else the best val HM."""
+    from fewshot.learning.bias_correction import choose_offset
+    from fewshot.metrics.coco_eval import harmonic_mean
+
+    t = TEST_SIZES[-1]
+    variants = {1.0: {"val": own["val"], "test": own["test"]}, **mixed}
+    out = {f"{a:g}": {"drop": round(ref["test"][t] - v["test"][t][0.0].bAP50, 5),
+                      "nAP50": round(v["test"][t][0.0].nAP50, 5)} for a, v in variants.items()}
+    for n in WISE_VAL:
+        rules = {}
+        for a, v in variants.items():
+            val = {o: r for o, r in v["val"][n].items() if o != OFF}
+            offset, met = choose_offset(val, ref["val"][n], 0.01)
+            rules[a] = (offset, met, harmonic_mean(val[offset].bAP50, val[offset].nAP50))
+        met = [a for a in rules if rules[a][1]]
+        alpha = max(met) if met else max(rules, key=lambda a: (rules[a][2], a))
+        offset = rules[alpha][0]
+        rep = variants[alpha]["test"][t][offset]
+        out[f"rule_val{n}"] = {"alpha": alpha, "offset": offset, "met": bool(met),
+                               "test300_drop": round(ref["test"][t] - rep.bAP50, 5),
+                               "test300_nAP50": round(rep.nAP50, 5)}
+    return out
 
 
 def summarize(path: str) -> str:
@@ -202,6 +306,77 @@ def summarize(path: str) -> str:
             offsets = " / ".join(f"{r[k]['offset']:g}" for r in rs)
             out.append(f"| {shots} | {n} | {sum(r[k]['met'] for r in rs)} of {len(rs)} | {offsets} | {c('val_drop')} "
                        f"| {c('test150_drop')} | {c('test300_drop')} | {c('test300_nAP50')} |")
+    if any("per_increment" in r for r in rows):
+        out += ["", per_increment_table(by)]
+    for mode in ("all", "shared"):
+        if any(f"interpolation_{mode}" in r for r in rows):
+            out += ["", interpolation_tables(by, mode)]
+    return "\n".join(out)
+
+
+def per_increment_table(by: dict) -> str:
+    """Per-increment scoring against joint scoring on the same children (paired), and the offset
+    rule judged on it."""
+    from fewshot.metrics.stats import mean_ci95
+
+    c = lambda xs: mean_ci95(xs).format()
+    out = ["Per-increment scoring (each class scored against the classes that existed when it was added), "
+           "the same children, no offset; paired against joint scoring:", "",
+           "| shots | draws | test images | base drop | nAP50 | drop − joint | nAP50 − joint |", "|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        rs = [r for r in rs if "per_increment" in r]
+        for t in TEST_SIZES:
+            g = [r["per_increment"][f"test{t}"] for r in rs]
+            j = [r[f"test{t}"] for r in rs]
+            out.append(f"| {shots} | {len(rs)} | {t} | {c(x['drop'] for x in g)} | {c(x['nAP50'] for x in g)} "
+                       f"| {c(x['drop'] - y['drop'] for x, y in zip(g, j))} "
+                       f"| {c(x['nAP50'] - y['nAP50'] for x, y in zip(g, j))} |")
+    out += ["", "add_classes' offset rule judged on per-increment scores:", "",
+            "| shots | val images | rule met | offsets | val drop | test drop (150) | test drop (300) | nAP50 (300) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        rs = [r for r in rs if "per_increment" in r]
+        for n in VAL_SIZES:
+            w = [r["per_increment"][f"rule_val{n}"] for r in rs]
+            out.append(f"| {shots} | {n} | {sum(x['met'] for x in w)} of {len(w)} "
+                       f"| {' / '.join(format(x['offset'], 'g') for x in w)} | {c(x['val_drop'] for x in w)} "
+                       f"| {c(x['test150_drop'] for x in w)} | {c(x['test300_drop'] for x in w)} "
+                       f"| {c(x['test300_nAP50'] for x in w)} |")
+    return "\n".join(out)
+
+
+def interpolation_tables(by: dict, mode: str) -> str:
+    """The ``--alphas`` tables: each alpha's test figures, then the selection on val, paired
+    against the bias correction's rule alone (alpha 1) on the same val images."""
+    from fewshot.metrics.stats import mean_ci95
+
+    t = TEST_SIZES[-1]
+    key = f"interpolation_{mode}"
+    by = {shots: [r for r in rs if key in r] for shots, rs in by.items() if any(key in r for r in rs)}
+    alphas = sorted({k for rs in by.values() for r in rs for k in r[key] if not k.startswith("rule")},
+                    key=float, reverse=True)
+    what = "every weight" if mode == "all" else "the child's new rows kept"
+    out = [f"WiSE-FT interpolation (1 - a) start + a child ({what}), no offset, on {t} test images "
+           "(base points lost / nAP50):", "",
+           "| shots | draws | " + " | ".join(f"a = {a}" for a in alphas) + " |",
+           "|---|---|" + "---|" * len(alphas)]
+    for shots, rs in sorted(by.items()):
+        cells = [f"{mean_ci95(r[key][a]['drop'] for r in rs).format()} / "
+                 f"{mean_ci95(r[key][a]['nAP50'] for r in rs).format()}" for a in alphas]
+        out.append(f"| {shots} | {len(rs)} | " + " | ".join(cells) + " |")
+    out += ["", "Alpha and offset chosen on val (the largest alpha whose offset rule is met, else the best "
+            "val HM), against the offset rule alone (a = 1), paired:", "",
+            "| shots | val images | alphas chosen | test drop | nAP50 | drop − rule alone | nAP50 − rule alone |",
+            "|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        for n in WISE_VAL:
+            w = [r[key][f"rule_val{n}"] for r in rs]
+            alone = [r[f"rule_val{n}"] for r in rs]
+            c = lambda xs: mean_ci95(xs).format()
+            out.append(f"| {shots} | {n} | {' / '.join(format(x['alpha'], 'g') for x in w)} "
+                       f"| {c(x['test300_drop'] for x in w)} | {c(x['test300_nAP50'] for x in w)} "
+                       f"| {c(x['test300_drop'] - y['test300_drop'] for x, y in zip(w, alone))} "
+                       f"| {c(x['test300_nAP50'] - y['test300_nAP50'] for x, y in zip(w, alone))} |")
     return "\n".join(out)
 
 

@@ -14,7 +14,9 @@ The protocol, fixed before the run:
   the table says so, so the next increment still starts from the previous step;
 * after each step the champion is scored on the **test** split (the first ``--test-images``
   images; nothing is chosen on it) with pycocotools: AP50 of every class seen so far, averaged
-  per group (base, each increment, all seen).
+  per group (base, each increment, all seen); a champion that scores per increment (add_classes'
+  ``--scoring`` default since 2026-12-05, latest) is also scored with joint scoring, the same
+  checkpoint re-scored, so the table pairs what the scoring alone changes.
 
 Every job runs as a separate process as ``ray job submit`` would run it, against the MLflow
 server at ``--mlflow-uri`` (or a throwaway one this script starts on 127.0.0.1). The figures go
@@ -71,6 +73,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "old-class pseudo-labels and parent distillation; head trains the new rows only, "
                         "add_classes' default before 2026-12-05); crossed with "
                         "--bias-correction, every variant starting from the same base model of the seed")
+    p.add_argument("--scoring", default="",
+                   help="add_classes' --scoring for every increment (per-increment or joint; empty: its default, "
+                        "per-increment); a per-increment champion is also scored jointly, paired")
     p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
     p.add_argument("--val-log", default="",
                    help="print the val figures (the gate's 150 images) of every add_classes job in this console "
@@ -115,14 +120,23 @@ def score_champion(catalog, uri: str, model: str, groups: list[list[str]], test_
         ckpt = load_checkpoint(registry.download_checkpoint(uri, model, info.version, d))
     seen = [c for g in groups for c in g if c in ckpt.classes]
     split = load_eval_split(catalog, ckpt.dataset, "test", seen, max_images=test_images)
-    report = split.evaluate(predict_rows(ckpt.build_model(), split.rows, ckpt.category_ids))
-    per_class = report.per_class_AP50
-    names = ["base", "inc1", "inc2", "inc3"]
-    out = {"version": info.version, "per_class_AP50": per_class, "all_seen": report.bAP50}
-    for name, group in zip(names, groups):
-        if all(c in per_class for c in group):  # classes absent from these test images left out
-            vals = [per_class[c] for c in group if not math.isnan(per_class[c])]
-            out[name] = sum(vals) / len(vals) if vals else float("nan")
+    detector = ckpt.build_model()
+
+    def by_group(report) -> dict:
+        per_class = report.per_class_AP50
+        out = {"per_class_AP50": per_class, "all_seen": report.bAP50}
+        for name, group in zip(["base", "inc1", "inc2", "inc3"], groups):
+            if all(c in per_class for c in group):  # classes absent from these test images left out
+                vals = [per_class[c] for c in group if not math.isnan(per_class[c])]
+                out[name] = sum(vals) / len(vals) if vals else float("nan")
+        return out
+
+    classifier = detector.roi_heads.box_predictor.cls_score
+    out = {"version": info.version, "scoring": classifier.scoring,
+           **by_group(split.evaluate(predict_rows(detector, split.rows, ckpt.category_ids)))}
+    if classifier.scoring == "per-increment":   # the same checkpoint, one softmax over every class
+        classifier.set_scoring("joint")
+        out["joint_scoring"] = by_group(split.evaluate(predict_rows(detector, split.rows, ckpt.category_ids)))
     return out
 
 
@@ -199,14 +213,17 @@ def latest_version(uri: str, model: str) -> int:
     return max(int(v.version) for v in MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{model}'"))
 
 
-def variant_model(seed: int, variant: str, freeze: str = "head") -> str:
+def variant_model(seed: int, variant: str, freeze: str = "head", scoring: str = "") -> str:
     name = f"increments-s{seed}" if variant == "off" else f"increments-s{seed}-bc{variant}"
-    return name if freeze == "head" else f"{name}-fz{freeze}"
+    name = name if freeze == "head" else f"{name}-fz{freeze}"
+    return f"{name}-{scoring}" if scoring else name
 
 
 def variant_label(result: dict) -> str:
-    """The add_classes flags a result line's chain ran with (lines from before --freeze ran head)."""
-    return f"--freeze {result.get('freeze', 'head')} --bias-correction {result.get('bias_correction', 'off')}"
+    """The add_classes flags a result line's chain ran with (lines from before --freeze ran head,
+    lines from before --scoring scored jointly)."""
+    return (f"--freeze {result.get('freeze', 'head')} --bias-correction {result.get('bias_correction', 'off')} "
+            f"--scoring {result.get('scoring', 'joint')}")
 
 
 def fork_base(uri: str, source: str, target: str) -> None:
@@ -237,8 +254,9 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
     ``freeze``: its --freeze; ``base_from``: the model whose base version this chain starts from
     (else it trains one)."""
     from fewshot.backends import registry
+    from fewshot.model.cosine_head import DEFAULT_SCORING
 
-    model = variant_model(seed, variant, freeze)
+    model = variant_model(seed, variant, freeze, args.scoring)
     common = ["--catalog", args.catalog, "--mlflow-uri", uri, "--model-name", model,
               "--experiment", "fewshot-increments"]
     steps = []
@@ -253,7 +271,8 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
     for i, group in enumerate(groups[1:], start=1):
         run(job("add_classes") + common + [
             "--classes", ",".join(group), "--shots", str(args.shots), "--steps", str(args.add_steps),
-            "--seed", str(seed + i), "--freeze", freeze, *correction], env)
+            "--seed", str(seed + i), "--freeze", freeze, *correction,
+            *(["--scoring", args.scoring] if args.scoring else [])], env)
         version = latest_version(uri, model)
         verdict = gate_verdict(uri, model, version)
         if registry.get_alias(uri, model, registry.CHAMPION).version != version:
@@ -265,7 +284,8 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
         if variant != "off":
             step["offset"] = float(registry.get_version(uri, model, version).tags.get("bias_correction_offset", "nan"))
         steps.append(step)
-    out = {"seed": seed, "bias_correction": variant, "freeze": freeze, "steps": steps}
+    out = {"seed": seed, "bias_correction": variant, "freeze": freeze, "steps": steps,
+           "scoring": args.scoring or DEFAULT_SCORING}
     if not args.no_upper_bound and base_from is None:
         joint = f"increments-joint-s{seed}"
         jcommon = common[:4] + ["--model-name", joint, "--experiment", "fewshot-increments"]
@@ -353,6 +373,26 @@ def paired_drops(reference: list[dict], variant: list[dict]) -> str:
     return f"paired over seed(s) {', '.join(str(a['seed']) for a, _ in pairs)}:\n\n" + "\n".join(lines)
 
 
+def scoring_pairs(results: list[dict]) -> str:
+    """Per step, what per-increment scoring changes against joint scoring of the same champions
+    (AP50 points, paired over the seeds); empty when no step was re-scored."""
+    from fewshot.metrics.stats import mean_ci95
+
+    n = len(results[0]["steps"])
+    if not all("joint_scoring" in r["steps"][k] for r in results for k in range(1, n)):
+        return ""
+    lines = ["The same champions scored jointly (one softmax over every class), per-increment − joint:", "",
+             "| step | base | +4 (inc1) | +3 (inc2) | +3 (inc3) | all seen |", "|---|---|---|---|---|---|"]
+    for k in range(1, n):
+        cells = []
+        for c in ["base", "inc1", "inc2", "inc3", "all_seen"]:
+            pairs = [(r["steps"][k].get(c), r["steps"][k]["joint_scoring"].get(c)) for r in results]
+            cells.append("-" if any(a is None or b is None for a, b in pairs)
+                         else mean_ci95(a - b for a, b in pairs).format())
+        lines.append(f"| {results[0]['steps'][k]['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summarize(path: str) -> None:
     lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
@@ -364,6 +404,9 @@ def summarize(path: str) -> None:
         seeds = ", ".join(str(r["seed"]) for r in results)
         print(f"{variant}: {len(results)} seed(s) ({seeds}); mean ± 95% CI in AP50 points\n")
         print(table(results))
+        rescored = scoring_pairs(results)
+        if rescored:
+            print("\n" + rescored)
         joint = [r for r in results if "joint" in r]
         if joint and len(joint) < len(results):
             print(f"\nupper bound of seed(s) {', '.join(str(r['seed']) for r in joint)} only:")
@@ -418,7 +461,8 @@ def main(args: argparse.Namespace) -> None:
             first = None
             for fz, bc in variants:
                 r = chain(args, catalog, manifest, uri, env, seed, groups, bc, freeze=fz,
-                          base_from=None if first is None else variant_model(seed, first[1], first[0]))
+                          base_from=None if first is None else variant_model(seed, first[1], first[0],
+                                                                             args.scoring))
                 first = first or (fz, bc)
                 by_variant[(fz, bc)].append(r)
                 if args.json_out:
@@ -430,8 +474,10 @@ def main(args: argparse.Namespace) -> None:
             print(f"against {variant_label(results[0])}, "
                   f"{paired_drops(results, by_variant[variant])}", flush=True)
         text = table(results)
+        if scoring_pairs(results):
+            text += "\n\n" + scoring_pairs(results)
         print(f"\n{len(results)} seed(s), {args.shots} shots, preset {args.preset}, "
-              f"{args.test_images} test images; mean ± 95% CI in AP50 points (MeanCI.format prints fractions as points) ({time.time() - t0:.0f} s)\n")
+              f"{args.test_images} test images; mean ± 95% CI in AP50 points ({time.time() - t0:.0f} s)\n")
         print(text, flush=True)
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("fewshot-increments")

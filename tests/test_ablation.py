@@ -68,6 +68,8 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
         assert 0.0 <= r["bAP50_corrected"] <= 1.0 and 0.0 <= r["parent_val_bAP50"] <= 1.0
         if r["offset"] == 0.0:   # no correction: the uncorrected detector's figures
             assert r["bAP50_corrected"] == r["bAP50_unrefined"]
+        # per-increment scoring re-scores the same detector: a figure per row, in range
+        assert 0.0 <= r["bAP50_per_increment"] <= 1.0 and 0.0 <= r["nAP50_per_increment"] <= 1.0
 
 
 @pytest.mark.integration
@@ -92,6 +94,7 @@ def test_ablation_job_logs_the_table(tiny_catalog, base_checkpoint, tiny_teacher
     assert "1-shot: bAP50 - parent's (" in text and "parent bAP50 " in text
     assert "after bias correction (offset chosen on 5 val images" in text
     assert "corrected: 1-shot: all - baseline" in text
+    assert "the same detectors with per-increment scoring" in text and "per-increment: 1-shot: all - baseline" in text
     assert out.read_text().startswith("| variant |")
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("fewshot-ablation")

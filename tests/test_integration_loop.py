@@ -20,6 +20,7 @@ import requests
 from ray import serve
 
 from fewshot.backends import registry
+from fewshot.model.checkpoint import load_checkpoint
 from services import BIN, ROOT, free_port, wait_http
 
 MODEL = "loop-detector"
@@ -86,7 +87,7 @@ def cluster(tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
+def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_path):
     manifest = tiny_catalog.manifest("synthworld")
     split = manifest.class_split("split1")
     novel = list(split.novel[:2])
@@ -183,6 +184,13 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec):
     # and held the old classes' outputs to the parent's while the box head trained (lambda 1)
     assert v2.tags["parent_distill"] == "1" and "parent distillation lambda=1)" in out
     assert json.loads(v2.tags["config"])["parent_distill"] == 1.0
+    # each class is scored against the classes it was added beside (add_classes' default): the
+    # registered checkpoint carries the increments' row ends and the choice, Serve reads both
+    assert v2.tags["scoring"] == "per-increment" and "scoring=per-increment)" in out
+    clf = load_checkpoint(registry.download_checkpoint(mlflow_uri, MODEL, 2, tmp_path / "v2")
+                          ).build_model().roi_heads.box_predictor.cls_score
+    assert clf.scoring == "per-increment"
+    assert clf.increment_ends.tolist() == [len(split.base) + 1, len(split.base) + 1 + len(novel)]
     assert body["refinement"] == {"applied": True, "fusion_weight": weight,
                                   "teacher": v2.tags["refine_teacher"]}
     for det in body["detections"]:

@@ -361,14 +361,16 @@ def run_search(payload: TrialPayload, space: dict, logger: MlflowTrialLogger, *,
 
 
 def _finetune_and_score(episode, cfg: TrainConfig, method, split: EvalSplit, threads: int,
-                        gpus: float = 0.0, precision: str = "auto", train_rows: list[dict] | None = None) -> dict:
-    """One fine-tune of a comparison: expand (imprint from ``episode``), fine-tune on
-    ``train_rows`` (default: the episode's rows; pre-embedded when the method distils), score on
-    ``split``, on the task's GPU when it holds one, else the CPU."""
+                        gpus: float = 0.0, precision: str = "auto", train_rows: list[dict] | None = None,
+                        scoring: str = "joint") -> dict:
+    """One fine-tune of a comparison: expand (imprint from ``episode``, the child scoring its
+    classes by ``scoring``), fine-tune on ``train_rows`` (default: the episode's rows;
+    pre-embedded when the method distils), score on ``split``, on the task's GPU when it holds
+    one, else the CPU."""
     torch.set_num_threads(max(1, threads))
     device = resolve_device(None if gpus > 0 else "cpu")
     precision = resolve_precision(precision, device)
-    start = expand_parent(episode, device=device)
+    start = expand_parent(episode, device=device, scoring=scoring)
     cache = TrunkCache() if use_trunk_cache(method.freeze, device) else None
     model = finetune(start, episode.rows if train_rows is None else train_rows, cfg, method, seed=episode.seed,
                      device=device, precision=precision, trunk_cache=cache)
@@ -377,14 +379,14 @@ def _finetune_and_score(episode, cfg: TrainConfig, method, split: EvalSplit, thr
 
 
 def run_finetunes(jobs: dict, split: EvalSplit, cpus: int, on_done=None, *, gpus: float = 0.0,
-                  precision: str = "auto") -> dict:
+                  precision: str = "auto", scoring: str = "joint") -> dict:
     """``jobs``: key -> (episode, TrainConfig, MethodConfig, training rows or None: the
-    episode's); one Ray task each (``cpus`` CPUs,
+    episode's), each child scoring its classes by ``scoring``; one Ray task each (``cpus`` CPUs,
     ``gpus`` GPUs), ``split`` shipped once; returns key -> figures (``on_done(key, figures,
     done, total)`` as they come)."""
     split_ref = ray.put(split)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_finetune_and_score)
-    pending = {task.remote(ep, cfg, method, split_ref, cpus, gpus, precision, rows): key
+    pending = {task.remote(ep, cfg, method, split_ref, cpus, gpus, precision, rows, scoring): key
                for key, (ep, cfg, method, rows) in jobs.items()}
     out, waiting = {}, list(pending)
     while waiting:

@@ -40,7 +40,11 @@ every row also carries the figures after the bias correction add_classes applies
 (:mod:`fewshot.learning.bias_correction`: the new rows' logit offset chosen on the first
 ``val_images`` of val by the rule "smallest offset keeping val bAP50 within ``bias_correction``
 of the parent's"): ``offset``, ``rule_met``, ``bAP50_corrected``, ``nAP50_corrected``, ``HM50_corrected``
-(of the detector, unrefined).
+(of the detector, unrefined). Every row also carries the detector's figures with per-increment
+scoring (add_classes' default, :mod:`fewshot.model.cosine_head`: each class scored against the
+classes that existed when it was added), from the same trained model and the same second-stage
+outputs: ``bAP50_per_increment``, ``nAP50_per_increment``, ``HM50_per_increment``; the
+uncorrected figures are joint scoring's.
 
 Math layer: no ray, no mlflow.
 """
@@ -180,7 +184,12 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
             stages = collect_second_stage(model, test.rows, device=device, precision=precision, trunk_cache=cache)
             first_new = len(parent.classes) + 1
             test_results = detections_with_offset(model, stages, first_new, 0.0, ep.child_ids)
-            corrected = {}
+            classifier = model.roi_heads.box_predictor.cls_score
+            classifier.set_scoring("per-increment")   # post-processing only: the same stages
+            grouped = test.evaluate(detections_with_offset(model, stages, first_new, 0.0, ep.child_ids))
+            classifier.set_scoring("joint")
+            corrected = {"bAP50_per_increment": grouped.bAP50, "nAP50_per_increment": grouped.nAP50,
+                         "HM50_per_increment": grouped.HM50}
             if spec.bias_correction is not None:
                 if parent_val_bAP50 is None:
                     parent_val_bAP50 = score(parent, val, device=device, precision=precision,
@@ -188,7 +197,7 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                 choice = fit_new_row_offset(model, val, ep.child_ids, parent_val_bAP50, spec.bias_correction,
                                             device=device, precision=precision, trunk_cache=cache)
                 fixed = test.evaluate(detections_with_offset(model, stages, first_new, choice.offset, ep.child_ids))
-                corrected = {"offset": choice.offset, "rule_met": choice.met, "bAP50_corrected": fixed.bAP50,
+                corrected |= {"offset": choice.offset, "rule_met": choice.met, "bAP50_corrected": fixed.bAP50,
                              "nAP50_corrected": fixed.nAP50, "HM50_corrected": fixed.HM50,
                              "parent_val_bAP50": parent_val_bAP50}
             trained[v.training_key] = (child, test_results, corrected)

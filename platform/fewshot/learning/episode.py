@@ -30,6 +30,7 @@ from fewshot.model.batches import class_index, rows_to_batch
 from fewshot.model.checkpoint import strip_training_heads
 from fewshot.model.devices import resolve_device
 from fewshot.metrics.coco_eval import EvalReport, EvalSplit, predict_rows
+from fewshot.model.cosine_head import Scoring
 from fewshot.model.expansion import expand_detector
 from fewshot.model.trunk_cache import TrunkCache
 from fewshot.learning.pseudo_labels import PseudoLabelStats, pseudo_label_rows
@@ -82,16 +83,19 @@ def sample_episode(catalog: Catalog, parent: DetectorCheckpoint, new_classes: Se
                    shots=shots, seed=seed, novel_rows=novel, replay_rows=replay_rows)
 
 
-def expand_parent(ep: Episode, device: str | torch.device | None = None) -> DetectorCheckpoint:
+def expand_parent(ep: Episode, device: str | torch.device | None = None,
+                  scoring: Scoring = "joint") -> DetectorCheckpoint:
     """The parent with one imprinted classifier row per new class (the fine-tune's start); the
-    support features are computed on ``device`` (default: CUDA when available, else the CPU)."""
+    support features are computed on ``device`` (default: CUDA when available, else the CPU).
+    ``scoring``: how the child scores classes (:mod:`fewshot.model.cosine_head`; add_classes'
+    default is per-increment, the benchmarks that predate it keep joint)."""
     torch.manual_seed(ep.seed)
     model = ep.parent.build_model().to(resolve_device(device))
     index = class_index(ep.child_ids)
     images, targets = rows_to_batch(ep.novel_rows, index)
     replay_images, replay_targets = rows_to_batch(ep.replay_rows, index)
     expand_detector(model, images, targets, num_new=len(ep.new_classes),
-                    center_images=replay_images, center_targets=replay_targets)
+                    center_images=replay_images, center_targets=replay_targets, scoring=scoring)
     return to_checkpoint(model, ep.parent, ep.child_classes, ep.child_ids)
 
 

@@ -15,14 +15,41 @@ Every row also carries a logit offset (``logit_bias``, zero unless set): bias co
 fine-tuning by :mod:`fewshot.learning.bias_correction`; an increment's offsets move into the
 frozen block with its rows and stay fixed.
 
+**Scoring each class against the classes it was added beside** (``per_increment_scores``). The
+rows of every increment end at a recorded index (``increment_ends``: the base's rows, then each
+increment's). With per-increment scoring a class of increment g is scored by a softmax over the
+rows that existed when it was added (background, the base, increments 1..g) and not over the
+rows added later::
+
+    p(c | x) = softmax(s_0 .. s_{e_g - 1})_c        for c in increment g, ends e_0 < e_1 < ...
+
+so an old class scores a RoI exactly as it would if no later row existed, and a later class is
+scored against everything (joint scoring, the plain softmax over all rows, is the special case
+of a single increment). The old classes' probabilities computed without the new classes'
+logits are the separated softmax of Ahn et al., "SS-IL: Separated Softmax for Incremental
+Learning", ICCV 2021 (Sec. 3.2, there in the training loss), and the base classes answered
+apart from the novel ones is what the base branch of Fan et al., "Generalized Few-Shot Object
+Detection without Forgetting", CVPR 2021, does with a second head; here one head and one
+softmax per increment. Training is unchanged (the loss is the joint softmax, so the new rows
+still learn to reject old objects); only the scores a detection carries change. What it
+removes: the new rows' competition on old objects, which was about half of what a child
+loses on the old classes (README *Where the last base points go*).
+
 Box regression is class-agnostic (one set of deltas, repeated per class for torchvision's
 post-processing), so a new class needs no new regression rows and old localisation is kept.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+Scoring = Literal["per-increment", "joint"]
+SCORINGS: tuple[str, ...] = ("per-increment", "joint")
+DEFAULT_SCORING: Scoring = "per-increment"
 
 
 class CosineClassifier(nn.Module):
@@ -34,6 +61,8 @@ class CosineClassifier(nn.Module):
         self.weight_new = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.normal_(self.weight_new, std=0.01)
         self.register_buffer("logit_bias", torch.zeros(num_classes))
+        self.register_buffer("increment_ends", torch.tensor([num_classes], dtype=torch.long))
+        self.register_buffer("per_increment_scores", torch.tensor(False))
 
     @property
     def num_classes(self) -> int:
@@ -48,6 +77,33 @@ class CosineClassifier(nn.Module):
             w = self.weight().float()
             logits = self.scale * F.normalize(x.float(), dim=1) @ F.normalize(w, dim=1).t()
             return logits + self.logit_bias.float()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of ``logits`` ([R, C]): the joint softmax, or with
+        ``per_increment_scores`` each increment's columns from the softmax over the rows up to
+        its end (module docstring)."""
+        ends = [int(e) for e in self.increment_ends]
+        if not bool(self.per_increment_scores) or len(ends) < 2:
+            return F.softmax(logits, -1)
+        if ends[-1] != logits.shape[-1]:
+            raise ValueError(f"increment ends {ends} do not cover the {logits.shape[-1]} logit columns")
+        parts, start = [], 0
+        for end in ends:
+            parts.append(F.softmax(logits[:, :end], -1)[:, start:end])
+            start = end
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def set_scoring(self, scoring: Scoring | bool) -> None:
+        """Score each class against the rows that existed when it was added ('per-increment' or
+        True) or against every row ('joint' or False, the plain softmax)."""
+        if isinstance(scoring, str) and scoring not in SCORINGS:
+            raise ValueError(f"unknown scoring {scoring!r}; choose one of {SCORINGS}")
+        self.per_increment_scores.fill_(scoring == "per-increment" if isinstance(scoring, str) else bool(scoring))
+
+    @property
+    def scoring(self) -> Scoring:
+        return "per-increment" if bool(self.per_increment_scores) else "joint"
 
     @torch.no_grad()
     def set_new_bias(self, value: float) -> None:
@@ -66,6 +122,7 @@ class CosineClassifier(nn.Module):
         self.weight_old = nn.Parameter(old, requires_grad=False)
         self.weight_new = nn.Parameter(new_rows.detach().to(device=device, dtype=old.dtype).clone())
         self.logit_bias = torch.cat([self.logit_bias, self.logit_bias.new_zeros(new_rows.shape[0])])
+        self.increment_ends = torch.cat([self.increment_ends, self.increment_ends.new_tensor([self.num_classes])])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Block sizes vary between class sets: take the shapes from the checkpoint.
@@ -82,6 +139,14 @@ class CosineClassifier(nn.Module):
         if prefix + "logit_bias" not in state_dict:
             state_dict[prefix + "logit_bias"] = torch.zeros(rows)
         self.logit_bias = torch.zeros(rows, dtype=self.logit_bias.dtype, device=self.logit_bias.device)
+        # checkpoints saved before per-increment scoring: the blocks' split is the only boundary
+        # they kept, and they are scored jointly, as they were when registered
+        if prefix + "increment_ends" not in state_dict:
+            old = self.weight_old.shape[0]
+            state_dict[prefix + "increment_ends"] = torch.tensor([old, rows] if old else [rows])
+        state_dict.setdefault(prefix + "per_increment_scores", torch.tensor(False))
+        self.increment_ends = torch.zeros(state_dict[prefix + "increment_ends"].shape, dtype=torch.long,
+                                          device=self.increment_ends.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -4,7 +4,8 @@ The pieces are torchvision's (RPN, MultiScaleRoIAlign, TwoMLPHead, the transform
 predictor is the expandable cosine classifier of ``fewshot.model.cosine_head``. ``FewShotRoIHeads``
 is torchvision's RoIHeads restricted to boxes, with one addition: in training it hands each
 batch's sampled RoIs to registered observers (the precision-driven balancer reads task
-precisions there, distillation reads foreground RoI features).
+precisions there, distillation reads foreground RoI features); and at inference each class's score
+is the classifier's ``probabilities`` (per-increment scoring, ``fewshot.model.cosine_head``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 
 from fewshot.model.backbones import build_backbone
 from fewshot.model.presets import DetectorConfig
@@ -89,6 +90,33 @@ class FewShotRoIHeads(RoIHeads):
             for b, s, l in zip(boxes, scores, labels):
                 result.append({"boxes": b, "labels": l, "scores": s})
         return result, losses
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """torchvision's post-processing (decode, clip, drop background, score threshold, tiny
+        boxes, per-class NMS, top detections) with the classifier's class probabilities in place
+        of the plain softmax; with joint scoring it is torchvision's own."""
+        classifier = getattr(self.box_predictor, "cls_score", None)
+        if classifier is None or not hasattr(classifier, "probabilities") or \
+                not bool(classifier.per_increment_scores):
+            return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        per_image = [len(p) for p in proposals]
+        boxes_all = self.box_coder.decode(box_regression, proposals).split(per_image, 0)
+        scores_all = classifier.probabilities(class_logits).split(per_image, 0)
+        num_classes = class_logits.shape[-1]
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, scores, shape in zip(boxes_all, scores_all, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
+            labels = torch.arange(1, num_classes, device=scores.device).repeat(len(scores))
+            scores = scores[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
 
 
 def _rpn_outputs_fp32(module, inputs, output):

@@ -3,7 +3,9 @@
 The new row of class c is the normalised mean of the box-head features of its support boxes
 (weight imprinting, Qi et al., CVPR 2018, Eq. 2), computed with the parent model exactly as it
 will see them at inference (same transform, RoIAlign and box head). Every old row moves into
-the frozen block unchanged (see ``fewshot.model.cosine_head``).
+the frozen block unchanged (see ``fewshot.model.cosine_head``), and the increment's rows end at
+a recorded index, so the child can score each class against the classes it was added beside
+(``scoring``).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewshot.model.cosine_head import imprint_rows
+from fewshot.model.cosine_head import Scoring, imprint_rows
 from fewshot.model.devices import model_device, move_batch
 
 
@@ -42,12 +44,15 @@ def expand_detector(
     num_new: int,
     center_images: list[torch.Tensor] | None = None,
     center_targets: list[dict[str, torch.Tensor]] | None = None,
+    scoring: Scoring | None = None,
 ) -> list[int]:
     """Append ``num_new`` classes; their support labels must be old_count+1 .. old_count+num_new.
 
     ``center_images``/``center_targets`` (e.g. the replay exemplars of the old classes): their
     box features and the support's give the mean that imprinting subtracts (see
-    ``imprint_rows``). Returns the new model labels.
+    ``imprint_rows``). ``scoring``: how the expanded model scores classes (``per-increment`` or
+    ``joint``, :class:`fewshot.model.cosine_head.CosineClassifier`); None keeps the parent's.
+    Returns the new model labels.
     """
     classifier = model.roi_heads.box_predictor.cls_score
     first = classifier.num_classes  # background + existing classes: next label index
@@ -59,4 +64,6 @@ def expand_detector(
         center = F.normalize(torch.cat([feats, other]), dim=1).mean(dim=0)
     rows = imprint_rows(feats, labels, new_labels, center=center)
     classifier.expand(rows)
+    if scoring is not None:
+        classifier.set_scoring(scoring)
     return new_labels

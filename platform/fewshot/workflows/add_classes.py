@@ -404,7 +404,8 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
     episode = Episode(parent=parent_ckpt, dataset=plan.dataset, new_classes=plan.new_classes,
                       new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
                       novel_rows=novel_rows, replay_rows=replay_rows)
-    start = expand_parent(episode, device=opts.cluster.device())  # one imprinted row per new class
+    start = expand_parent(episode, device=opts.cluster.device(),  # one imprinted row per new class
+                          scoring=opts.method.scoring)
     pseudo = None
     if opts.pseudo_labels is not None and plan.method.freeze != "head":
         episode, pseudo = pseudo_label_episode(episode, opts.pseudo_labels, device=opts.cluster.device())
@@ -436,7 +437,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
             "val_images": len(plan.val.rows), "test_images": len(plan.test.rows) if plan.test else 0,
             **{k: ("none" if v is None else v) for k, v in method.to_dict().items()},
             **opts.train.to_dict(), "gpu": opts.cluster.gpu, "gpus_per_worker": opts.cluster.gpus,
-            "precision_option": opts.cluster.precision,
+            "precision_option": opts.cluster.precision, "scoring": opts.method.scoring,
         })
         rows = novel_rows + replay_rows
         clock.start("finetune")
@@ -454,7 +455,8 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         )
         print(f"fine-tuning on {len(novel_rows)} novel + {len(replay_rows)} replay images "
               f"({opts.shots} shots, freeze={method.freeze}, balancer={method.balancer or 'none'}, "
-              f"distill beta={method.distill_beta:g}, parent distillation lambda={method.parent_distill:g}) ...",
+              f"distill beta={method.distill_beta:g}, parent distillation lambda={method.parent_distill:g}, "
+              f"scoring={opts.method.scoring}) ...",
               flush=True)
         final = ray_train.fit(spec, dataset, opts.cluster, out_dir=plan.work / "child",
                               name=f"add-{run.info.run_id[:8]}")
@@ -536,6 +538,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         method_tags = {"balancer": method.balancer or "none", "distill_beta": f"{method.distill_beta:g}",
                        "parent_distill": f"{method.parent_distill:g}",
                        "freeze": method.freeze, "config_source": plan.config_source,
+                       "scoring": opts.method.scoring,
                        "pseudo_labels": "off" if pseudo is None else f"{opts.pseudo_labels:g}:{pseudo.added}",
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
                                              "steps": opts.train.steps}, sort_keys=True)}

@@ -57,6 +57,7 @@ from fewshot.learning.method import FreezePolicy, MethodOptions, TeacherEmbedder
 from fewshot.metrics.coco_eval import load_eval_split
 from fewshot.metrics.stats import mean_ci95
 from fewshot.model.checkpoint import DetectorCheckpoint
+from fewshot.model.cosine_head import DEFAULT_SCORING, Scoring
 from fewshot.workflows.add_classes import AddClassesError, AddClassesOptions, validate
 from fewshot.workflows.options import Flat, NameList, StoreOptions
 
@@ -103,6 +104,10 @@ class TuneOptions:
     this score are added to each draw's support images, for the trials (and comparison
     fine-tunes) whose freeze policy trains more than the new classifier rows; None: off. Use
     the value add_classes will run with, so the trials train as it will."""
+    scoring: Scoring = DEFAULT_SCORING
+    """As add_classes --scoring: how every trial's child scores its classes on val (per-increment:
+    each class against the classes that existed when it was added; joint: one softmax). Use the
+    value add_classes will run with."""
     include_default: bool = True
     """Run add_classes' own defaults (its freeze policy, no balancer, its lr and steps, steps
     capped at --max-steps) as the first trial, on the same draws: the search keeps them unless a
@@ -280,7 +285,7 @@ def _payload(prep: _Prepared, opts: TuneOptions) -> TrialPayload:
         seed = opts.seed + DRAW_SEED_STRIDE * i
         ep = sample_episode(prep.catalog, prep.parent, prep.classes, opts.shots, seed, dataset=prep.dataset)
         embed = TeacherEmbedder(prep.teacher) if prep.teacher is not None else None
-        start = expand_parent(ep, device=opts.cluster.device())
+        start = expand_parent(ep, device=opts.cluster.device(), scoring=opts.scoring)
         pseudo = pseudo_t = None
         if opts.pseudo_labels is not None:
             labelled, stats = pseudo_label_episode(ep, opts.pseudo_labels, device=opts.cluster.device())
@@ -432,7 +437,7 @@ def compare_configs(prep: _Prepared, opts: TuneOptions, best_config: dict,
               f"({n}/{total})", flush=True)
 
     per = run_finetunes(jobs, test, opts.cluster.cpus_per_worker, on_done=done, gpus=opts.cluster.gpus,
-                        precision=opts.cluster.precision)
+                        precision=opts.cluster.precision, scoring=opts.scoring)
 
     def table(name):
         rows = [per[(name, s)] for s in seeds]
