@@ -331,6 +331,18 @@ def per_increment_table(by: dict) -> str:
             out.append(f"| {shots} | {len(rs)} | {t} | {c(x['drop'] for x in g)} | {c(x['nAP50'] for x in g)} "
                        f"| {c(x['drop'] - y['drop'] for x, y in zip(g, j))} "
                        f"| {c(x['nAP50'] - y['nAP50'] for x, y in zip(g, j))} |")
+    out += ["", "What a choice between the two scorings sees on val (base drop at offset 0; nAP50 per-increment "
+            "− joint):", "", "| shots | val images | base drop, per-increment | base drop, joint | paired "
+            "difference | nAP50 difference |", "|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        rs = [r for r in rs if "val150" in r.get("per_increment", {})]
+        for n in VAL_SIZES:
+            v = [r["per_increment"][f"val{n}"] for r in rs]
+            out.append(f"| {shots} | {n} | {c(x['drop'] for x in v)} | {c(x['joint_drop'] for x in v)} "
+                       f"| {c(x['drop'] - x['joint_drop'] for x in v)} | {c(x['nAP50'] - x['joint_nAP50'] for x in v)} |")
+    every = [r["per_increment"] for rs in by.values() for r in rs if "val150" in r.get("per_increment", {})]
+    out.append("| all | " + " / ".join(str(n) for n in VAL_SIZES) + " | | | " + " / ".join(
+        c(x[f"val{n}"]["drop"] - x[f"val{n}"]["joint_drop"] for x in every) for n in VAL_SIZES) + " | |")
     out += ["", "add_classes' offset rule judged on per-increment scores:", "",
             "| shots | val images | rule met | offsets | val drop | test drop (150) | test drop (300) | nAP50 (300) |",
             "|---|---|---|---|---|---|---|---|"]
