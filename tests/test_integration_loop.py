@@ -182,7 +182,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
     assert threshold == "0.9" and int(added) >= 0
     assert f"the parent labelled {added} objects of its own classes (score >= 0.9)" in out
     # and held the old classes' outputs to the parent's while the box head trained (lambda 1)
-    assert v2.tags["parent_distill"] == "1" and "parent distillation lambda=1)" in out
+    assert v2.tags["parent_distill"] == "1" and "parent distillation lambda=1, " in out
     assert json.loads(v2.tags["config"])["parent_distill"] == 1.0
     # each class is scored against the classes it was added beside (add_classes' default): the
     # registered checkpoint carries the increments' row ends and the choice, Serve reads both
