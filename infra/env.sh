@@ -10,6 +10,9 @@ export RAY_PORT="${RAY_PORT:-6390}"
 export RAY_DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 export SERVE_PORT="${SERVE_PORT:-8000}"
+# The head's session files: its processes name this folder on their command line, which is how
+# stop_local.sh finds them (and no other Ray on the machine). Short: Ray's sockets live under it.
+FEWSHOT_RAY_TMP="${FEWSHOT_RAY_TMP:-/tmp/fewshot-ray-$(id -u)-$RAY_PORT}"
 # Logical CPUs Ray schedules with: twice the cores, so the demo can train (2 workers) while
 # Serve holds a replica; torch threads per worker are set separately (--cpus-per-worker).
 export RAY_NUM_CPUS="${RAY_NUM_CPUS:-$(( $(nproc) * 2 ))}"
