@@ -14,9 +14,9 @@ The protocol, fixed before the run:
   the table says so, so the next increment still starts from the previous step;
 * after each step the champion is scored on the **test** split (the first ``--test-images``
   images; nothing is chosen on it) with pycocotools: AP50 of every class seen so far, averaged
-  per group (base, each increment, all seen); a champion that scores per increment (add_classes'
-  ``--scoring`` default since 2026-12-05, latest) is also scored with joint scoring, the same
-  checkpoint re-scored, so the table pairs what the scoring alone changes.
+  per group (base, each increment, all seen); a champion that scores per increment
+  (``--scoring per-increment``) is also scored with joint scoring, the same checkpoint
+  re-scored, so the table pairs what the scoring alone changes.
 
 Every job runs as a separate process as ``ray job submit`` would run it, against the MLflow
 server at ``--mlflow-uri`` (or a throwaway one this script starts on 127.0.0.1). The figures go
@@ -75,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--bias-correction, every variant starting from the same base model of the seed")
     p.add_argument("--scoring", default="",
                    help="add_classes' --scoring for every increment (per-increment or joint; empty: its default, "
-                        "per-increment); a per-increment champion is also scored jointly, paired")
+                        "joint); a per-increment champion is also scored jointly, paired")
     p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
     p.add_argument("--val-log", default="",
                    help="print the val figures (the gate's 150 images) of every add_classes job in this console "

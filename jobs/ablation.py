@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"met in {met} of {len(rows)} rows):\n\n" + corrected)
         notes += [f"corrected: {n}" for n in verdicts(rows, corrected_cells, shots, parent_bAP50, "_corrected")]
     grouped, grouped_cells = summarize(rows, variants, shots, "_per_increment")
-    table += ("\n\nthe same detectors with per-increment scoring (add_classes' default: each class scored "
+    table += ("\n\nthe same detectors with per-increment scoring (add_classes --scoring per-increment: each class scored "
               "against the classes that existed when it was added), no offset:\n\n" + grouped)
     notes += [f"per-increment: {n}" for n in verdicts(rows, grouped_cells, shots, parent_bAP50, "_per_increment")]
     print("\nmean nAP50 / bAP50 in points, ± the 95% confidence interval over "

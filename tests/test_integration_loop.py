@@ -144,7 +144,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
         out = submit(cluster, ["jobs/add_classes.py", "--classes", ",".join(novel), "--shots", "2",
                                "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0", "--max-detector-drop", "1.0",
                                "--cpus-per-worker", "1", "--freeze", "backbone", "--balancer", "pgb",
-                               "--teacher", tiny_teacher_spec, "--distill-beta", "0.5",
+                               "--teacher", tiny_teacher_spec, "--distill-beta", "0.5", "--scoring", "per-increment",
                                "--max-val-images", "8", *common])  # bias correction: on by default (0.01)
         assert "as 'champion'" in out
         deadline = time.time() + 120
@@ -184,7 +184,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
     # and held the old classes' outputs to the parent's while the box head trained (lambda 1)
     assert v2.tags["parent_distill"] == "1" and "parent distillation lambda=1, " in out
     assert json.loads(v2.tags["config"])["parent_distill"] == 1.0
-    # each class is scored against the classes it was added beside (add_classes' default): the
+    # --scoring per-increment: each class scored against the classes it was added beside; the
     # registered checkpoint carries the increments' row ends and the choice, Serve reads both
     assert v2.tags["scoring"] == "per-increment" and "scoring=per-increment)" in out
     clf = load_checkpoint(registry.download_checkpoint(mlflow_uri, MODEL, 2, tmp_path / "v2")
@@ -278,6 +278,7 @@ def test_two_jobs_at_once_lose_no_class(cluster, mlflow_uri):
     new = [registry.get_version(mlflow_uri, MODEL, v.version) for v in registry.list_versions(mlflow_uri, MODEL)
            if v.parent_version == parent.version and v.tags.get("new_classes") in (a, b)]
     assert len(new) == 2
+    assert all(v.tags["scoring"] == "joint" for v in new)   # add_classes' default, whatever the parent's
     promoted = [v for v in new if "champion" in v.aliases]
     assert len(promoted) == 1, [(v.version, v.aliases, v.tags.get("promotion_reason")) for v in new]
     other = next(v for v in new if v is not promoted[0])

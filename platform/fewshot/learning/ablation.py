@@ -41,7 +41,7 @@ every row also carries the figures after the bias correction add_classes applies
 ``val_images`` of val by the rule "smallest offset keeping val bAP50 within ``bias_correction``
 of the parent's"): ``offset``, ``rule_met``, ``bAP50_corrected``, ``nAP50_corrected``, ``HM50_corrected``
 (of the detector, unrefined). Every row also carries the detector's figures with per-increment
-scoring (add_classes' default, :mod:`fewshot.model.cosine_head`: each class scored against the
+scoring (``add_classes --scoring per-increment``, :mod:`fewshot.model.cosine_head`: each class scored against the
 classes that existed when it was added), from the same trained model and the same second-stage
 outputs: ``bAP50_per_increment``, ``nAP50_per_increment``, ``HM50_per_increment``; the
 uncorrected figures are joint scoring's.

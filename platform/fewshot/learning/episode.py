@@ -87,8 +87,8 @@ def expand_parent(ep: Episode, device: str | torch.device | None = None,
                   scoring: Scoring = "joint") -> DetectorCheckpoint:
     """The parent with one imprinted classifier row per new class (the fine-tune's start); the
     support features are computed on ``device`` (default: CUDA when available, else the CPU).
-    ``scoring``: how the child scores classes (:mod:`fewshot.model.cosine_head`; add_classes'
-    default is per-increment, the benchmarks that predate it keep joint)."""
+    ``scoring``: how the child scores classes (:mod:`fewshot.model.cosine_head`; add_classes
+    passes its ``--scoring``)."""
     torch.manual_seed(ep.seed)
     model = ep.parent.build_model().to(resolve_device(device))
     index = class_index(ep.child_ids)

@@ -130,11 +130,12 @@ class MethodOptions:
     """With --teacher, fit CLIP score refinement: the fusion weight is chosen on the val split,
     stored with the version, and Serve applies it."""
     scoring: Scoring = DEFAULT_SCORING
-    """How the new version scores its classes. per-increment (default): each class by a softmax
-    over the classes that existed when it was added, so an old class scores a box as it did
-    before the new rows existed (the new rows cannot take its probability; the new classes are
-    scored against every class); joint: one softmax over every class, as before. Training is
-    the same either way; the choice travels with the version."""
+    """How the new version scores its classes. joint (default): one softmax over every class;
+    per-increment: each class by a softmax over the classes that existed when it was added, so
+    an old class scores a box as it did before the new rows existed (the new rows cannot take
+    its probability, nor push down its false detections on new objects; the new classes are
+    scored against every class). Training is the same either way; the choice travels with the
+    version."""
     parent_distill: float | None = DEFAULT_PARENT_DISTILL
     """Weight lambda of the distillation of the old classes' outputs (logits and box deltas on
     the sampled RoIs) from the parent, Shmelkov et al. 2017, so the box head that trains does
