@@ -33,7 +33,11 @@ Detection without Forgetting", CVPR 2021, does with a second head; here one head
 softmax per increment. Training is unchanged (the loss is the joint softmax, so the new rows
 still learn to reject old objects); only the scores a detection carries change. What it
 removes: the new rows' competition on old objects, which was about half of what a child
-loses on the old classes (README *Where the last base points go*).
+loses on the old classes (README *Where the last base points go*). What it gives up: joint
+scoring's new rows also push down the old classes' false detections on new objects, which per
+increment keep the parent's score; which of the two wins depends on the data (README
+*Per-increment scoring*, *Three increments*: val preferred joint in the three-increment chain),
+so joint is the default and per-increment a choice.
 
 Box regression is class-agnostic (one set of deltas, repeated per class for torchvision's
 post-processing), so a new class needs no new regression rows and old localisation is kept.
