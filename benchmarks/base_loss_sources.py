@@ -125,7 +125,7 @@ class ParentAnswersOldClasses:
 
 def run(args) -> None:
     from catalog import Catalog
-    from fewshot.learning.bias_correction import choose_offset, collect_second_stage, detections_with_offset
+    from fewshot.learning.bias_correction import collect_second_stage, detections_with_offset
     from fewshot.learning.episode import expand_parent, fine_tune_episode, pseudo_label_episode, sample_episode
     from fewshot.learning.loop import TrainConfig
     from fewshot.learning.method import MethodConfig
@@ -143,9 +143,12 @@ def run(args) -> None:
                for name in sizes for n in sizes[name]}
     full = {name: subsets[name, max(sizes[name])] for name in sizes}   # the largest size: all images
 
-    def reports(model, name, first_new, ids, offsets, ns=None):
-        """{n: {offset: EvalReport}} on the first n images of split ``name`` (one forward pass)."""
-        stages = collect_second_stage(model, full[name].rows, device="cpu", trunk_cache=cache)
+    def reports(model, name, first_new, ids, offsets, ns=None, stages=None):
+        """{n: {offset: EvalReport}} on the first n images of split ``name`` (one forward pass,
+        or none with ``stages``: the model's second stages on that split, kept from an earlier
+        call; the classifier's scoring applies in post-processing, so they serve both scorings)."""
+        if stages is None:
+            stages = collect_second_stage(model, full[name].rows, device="cpu", trunk_cache=cache)
         out = {}
         for n in ns or sizes[name]:
             keep = {int(r["image_id"]) for r in subsets[name, n].rows}
@@ -175,7 +178,10 @@ def run(args) -> None:
             child = fine_tune_episode(labelled, cfg, method, start=start, device="cpu", precision="fp32",
                                       trunk_cache=cache)
             model = child.build_model().eval()
-            own = {name: reports(model, name, num_old, child.category_ids, OFFSETS + (OFF,)) for name in sizes}
+            stages = {name: collect_second_stage(model, full[name].rows, device="cpu", trunk_cache=cache)
+                      for name in sizes}
+            own = {name: reports(model, name, num_old, child.category_ids, OFFSETS + (OFF,), stages=stages[name])
+                   for name in sizes}
             merge = ParentAnswersOldClasses(model, start.build_model().eval(), num_old)
             try:
                 kept = reports(model, "test", num_old, child.category_ids, (0.0,))
@@ -191,16 +197,12 @@ def run(args) -> None:
                     "drop_parent_answers_old": round(ref["test"][n] - kept[n][0.0].bAP50, 5),
                     "nAP50": round(rep[0.0].nAP50, 5),
                     "nAP50_parent_answers_old": round(kept[n][0.0].nAP50, 5)}
-            for n in VAL_SIZES:
-                val = {o: r for o, r in own["val"][n].items() if o != OFF}
-                offset, met = choose_offset(val, ref["val"][n], 0.01)
-                line[f"rule_val{n}"] = {
-                    "offset": offset, "met": met, "val_drop": round(ref["val"][n] - val[offset].bAP50, 5),
-                    **{f"test{t}_drop": round(ref["test"][t] - own["test"][t][offset].bAP50, 5) for t in TEST_SIZES},
-                    **{f"test{t}_nAP50": round(own["test"][t][offset].nAP50, 5) for t in TEST_SIZES}}
-            model.roi_heads.box_predictor.cls_score.set_scoring(True)
-            grouped = {name: reports(model, name, num_old, child.category_ids, OFFSETS) for name in sizes}
-            model.roi_heads.box_predictor.cls_score.set_scoring(False)
+            line |= {f"rule_val{n}": rule_line(own, ref, n) for n in VAL_SIZES}
+            classifier = model.roi_heads.box_predictor.cls_score
+            classifier.set_scoring("per-increment")   # the same second stages, re-post-processed
+            grouped = {name: reports(model, name, num_old, child.category_ids, OFFSETS, stages=stages[name])
+                       for name in sizes}
+            classifier.set_scoring("joint")
             line["per_increment"] = per_increment_line(grouped, own, ref)
             for mode in modes if alphas else ():
                 line[f"interpolation_{mode}"] = interpolation_line(
@@ -214,24 +216,28 @@ def run(args) -> None:
                 f.write(json.dumps(line) + "\n")
 
 
+def rule_line(reports, ref, n: int) -> dict:
+    """add_classes' offset rule judged on the first ``n`` val images of ``reports`` ({split: {size:
+    {offset: EvalReport}}}): the offset, whether it met the rule, the val drop it saw and what it
+    leaves on test."""
+    from fewshot.learning.bias_correction import choose_offset
+
+    val = {o: r for o, r in reports["val"][n].items() if o != OFF}
+    offset, met = choose_offset(val, ref["val"][n], 0.01)
+    return {"offset": offset, "met": met, "val_drop": round(ref["val"][n] - val[offset].bAP50, 5),
+            **{f"test{t}_drop": round(ref["test"][t] - reports["test"][t][offset].bAP50, 5) for t in TEST_SIZES},
+            **{f"test{t}_nAP50": round(reports["test"][t][offset].nAP50, 5) for t in TEST_SIZES}}
+
+
 def per_increment_line(grouped, joint, ref) -> dict:
     """Per-increment scoring's test drop and nAP50 (offset 0), the val figures of both scorings
     (what a choice between them sees), and add_classes' offset rule on per-increment scores."""
-    from fewshot.learning.bias_correction import choose_offset
-
     out = {f"test{t}": {"drop": round(ref["test"][t] - grouped["test"][t][0.0].bAP50, 5),
                         "nAP50": round(grouped["test"][t][0.0].nAP50, 5)} for t in TEST_SIZES}
     for n in VAL_SIZES:
         out[f"val{n}"] = {f"{k}{m}": round(ref["val"][n] - r[n][0.0].bAP50 if m == "drop" else r[n][0.0].nAP50, 5)
                           for k, r in (("", grouped["val"]), ("joint_", joint["val"])) for m in ("drop", "nAP50")}
-    for n in VAL_SIZES:
-        offset, met = choose_offset(grouped["val"][n], ref["val"][n], 0.01)
-        out[f"rule_val{n}"] = {"offset": offset, "met": met,
-                               "val_drop": round(ref["val"][n] - grouped["val"][n][offset].bAP50, 5),
-                               **{f"test{t}_drop": round(ref["test"][t] - grouped["test"][t][offset].bAP50, 5)
-                                  for t in TEST_SIZES},
-                               **{f"test{t}_nAP50": round(grouped["test"][t][offset].nAP50, 5) for t in TEST_SIZES}}
-    return out
+    return out | {f"rule_val{n}": rule_line(grouped, ref, n) for n in VAL_SIZES}
 
 
 WISE_VAL = (150, 300)   # the val sizes the interpolation's selection is judged on
@@ -296,16 +302,7 @@ def summarize(path: str) -> str:
         out.append(f"| {shots} | {len(rs)} | {c('drop')} | {c('drop_new_off')} | {c('drop_parent_answers_old')} "
                    f"| {c('nAP50')} | {c('nAP50_parent_answers_old')} |")
     out += ["", "The bias correction's rule judged on n val images: the offset it chose, the val drop it saw, "
-            "what that offset leaves on test:", "",
-            "| shots | val images | rule met | offsets | val drop | test drop (150) | test drop (300) | nAP50 (300) |",
-            "|---|---|---|---|---|---|---|---|"]
-    for shots, rs in sorted(by.items()):
-        for n in VAL_SIZES:
-            k = f"rule_val{n}"
-            c = lambda key: mean_ci95(r[k][key] for r in rs).format()
-            offsets = " / ".join(f"{r[k]['offset']:g}" for r in rs)
-            out.append(f"| {shots} | {n} | {sum(r[k]['met'] for r in rs)} of {len(rs)} | {offsets} | {c('val_drop')} "
-                       f"| {c('test150_drop')} | {c('test300_drop')} | {c('test300_nAP50')} |")
+            "what that offset leaves on test:", ""] + rule_table(by, lambda r: r)
     if any("per_increment" in r for r in rows):
         out += ["", per_increment_table(by)]
     for mode in ("all", "shared"):
@@ -343,18 +340,27 @@ def per_increment_table(by: dict) -> str:
     every = [r["per_increment"] for rs in by.values() for r in rs if "val150" in r.get("per_increment", {})]
     out.append("| all | " + " / ".join(str(n) for n in VAL_SIZES) + " | | | " + " / ".join(
         c(x[f"val{n}"]["drop"] - x[f"val{n}"]["joint_drop"] for x in every) for n in VAL_SIZES) + " | |")
-    out += ["", "add_classes' offset rule judged on per-increment scores:", "",
-            "| shots | val images | rule met | offsets | val drop | test drop (150) | test drop (300) | nAP50 (300) |",
-            "|---|---|---|---|---|---|---|---|"]
-    for shots, rs in sorted(by.items()):
-        rs = [r for r in rs if "per_increment" in r]
-        for n in VAL_SIZES:
-            w = [r["per_increment"][f"rule_val{n}"] for r in rs]
-            out.append(f"| {shots} | {n} | {sum(x['met'] for x in w)} of {len(w)} "
-                       f"| {' / '.join(format(x['offset'], 'g') for x in w)} | {c(x['val_drop'] for x in w)} "
-                       f"| {c(x['test150_drop'] for x in w)} | {c(x['test300_drop'] for x in w)} "
-                       f"| {c(x['test300_nAP50'] for x in w)} |")
+    out += ["", "add_classes' offset rule judged on per-increment scores:", ""]
+    out += rule_table({k: [r for r in rs if "per_increment" in r] for k, rs in by.items()},
+                      lambda r: r["per_increment"])
     return "\n".join(out)
+
+
+def rule_table(by: dict, lines_of) -> list[str]:
+    """The offset rule's table: per shot count and val size, how often it was met, the offsets,
+    the val drop it saw and what it leaves on test; ``lines_of(r)`` holds a draw's ``rule_val*``."""
+    from fewshot.metrics.stats import mean_ci95
+
+    out = ["| shots | val images | rule met | offsets | val drop | test drop (150) | test drop (300) | nAP50 (300) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        for n in VAL_SIZES:
+            w = [lines_of(r)[f"rule_val{n}"] for r in rs]
+            c = lambda key: mean_ci95(x[key] for x in w).format()
+            out.append(f"| {shots} | {n} | {sum(x['met'] for x in w)} of {len(w)} "
+                       f"| {' / '.join(format(x['offset'], 'g') for x in w)} | {c('val_drop')} "
+                       f"| {c('test150_drop')} | {c('test300_drop')} | {c('test300_nAP50')} |")
+    return out
 
 
 def interpolation_tables(by: dict, mode: str) -> str:

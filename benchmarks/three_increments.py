@@ -112,6 +112,7 @@ def groups_of(manifest) -> list[list[str]]:
 def score_champion(catalog, uri: str, model: str, groups: list[list[str]], test_images: int) -> dict:
     """AP50 on test of the champion, per class and averaged per group of the classes it knows."""
     from fewshot.backends import registry
+    from fewshot.learning.bias_correction import collect_second_stage, detections_with_offset
     from fewshot.metrics.coco_eval import load_eval_split, predict_rows
     from fewshot.model.checkpoint import load_checkpoint
 
@@ -132,11 +133,16 @@ def score_champion(catalog, uri: str, model: str, groups: list[list[str]], test_
         return out
 
     classifier = detector.roi_heads.box_predictor.cls_score
-    out = {"version": info.version, "scoring": classifier.scoring,
-           **by_group(split.evaluate(predict_rows(detector, split.rows, ckpt.category_ids)))}
-    if classifier.scoring == "per-increment":   # the same checkpoint, one softmax over every class
-        classifier.set_scoring("joint")
-        out["joint_scoring"] = by_group(split.evaluate(predict_rows(detector, split.rows, ckpt.category_ids)))
+    out = {"version": info.version, "scoring": classifier.scoring}
+    if classifier.scoring == "joint":
+        return out | by_group(split.evaluate(predict_rows(detector, split.rows, ckpt.category_ids)))
+    # per-increment: also the same checkpoint with one softmax over every class, from the same
+    # second-stage outputs (the scoring acts in post-processing only)
+    stages = collect_second_stage(detector, split.rows)
+    detect = lambda: detections_with_offset(detector, stages, len(ckpt.classes) + 1, 0.0, ckpt.category_ids)
+    out |= by_group(split.evaluate(detect()))
+    classifier.set_scoring("joint")
+    out["joint_scoring"] = by_group(split.evaluate(detect()))
     return out
 
 
@@ -474,8 +480,9 @@ def main(args: argparse.Namespace) -> None:
             print(f"against {variant_label(results[0])}, "
                   f"{paired_drops(results, by_variant[variant])}", flush=True)
         text = table(results)
-        if scoring_pairs(results):
-            text += "\n\n" + scoring_pairs(results)
+        rescored = scoring_pairs(results)
+        if rescored:
+            text += "\n\n" + rescored
         print(f"\n{len(results)} seed(s), {args.shots} shots, preset {args.preset}, "
               f"{args.test_images} test images; mean ± 95% CI in AP50 points ({time.time() - t0:.0f} s)\n")
         print(text, flush=True)

@@ -185,9 +185,10 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
             first_new = len(parent.classes) + 1
             test_results = detections_with_offset(model, stages, first_new, 0.0, ep.child_ids)
             classifier = model.roi_heads.box_predictor.cls_score
+            trained_scoring = classifier.scoring
             classifier.set_scoring("per-increment")   # post-processing only: the same stages
             grouped = test.evaluate(detections_with_offset(model, stages, first_new, 0.0, ep.child_ids))
-            classifier.set_scoring("joint")
+            classifier.set_scoring(trained_scoring)
             corrected = {"bAP50_per_increment": grouped.bAP50, "nAP50_per_increment": grouped.nAP50,
                          "HM50_per_increment": grouped.HM50}
             if spec.bias_correction is not None:

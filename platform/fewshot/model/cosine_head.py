@@ -98,12 +98,12 @@ class CosineClassifier(nn.Module):
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def set_scoring(self, scoring: Scoring | bool) -> None:
-        """Score each class against the rows that existed when it was added ('per-increment' or
-        True) or against every row ('joint' or False, the plain softmax)."""
-        if isinstance(scoring, str) and scoring not in SCORINGS:
+    def set_scoring(self, scoring: Scoring) -> None:
+        """Score each class against the rows that existed when it was added ('per-increment') or
+        against every row ('joint', the plain softmax)."""
+        if scoring not in SCORINGS:
             raise ValueError(f"unknown scoring {scoring!r}; choose one of {SCORINGS}")
-        self.per_increment_scores.fill_(scoring == "per-increment" if isinstance(scoring, str) else bool(scoring))
+        self.per_increment_scores.fill_(scoring == "per-increment")
 
     @property
     def scoring(self) -> Scoring:

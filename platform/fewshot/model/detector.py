@@ -95,9 +95,8 @@ class FewShotRoIHeads(RoIHeads):
         """torchvision's post-processing (decode, clip, drop background, score threshold, tiny
         boxes, per-class NMS, top detections) with the classifier's class probabilities in place
         of the plain softmax; with joint scoring it is torchvision's own."""
-        classifier = getattr(self.box_predictor, "cls_score", None)
-        if classifier is None or not hasattr(classifier, "probabilities") or \
-                not bool(classifier.per_increment_scores):
+        classifier = self.box_predictor.cls_score
+        if classifier.scoring == "joint":
             return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         per_image = [len(p) for p in proposals]
         boxes_all = self.box_coder.decode(box_regression, proposals).split(per_image, 0)
