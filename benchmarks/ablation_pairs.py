@@ -10,7 +10,8 @@ another. Prints, per shot count, each variant's mean ± 95% CI (nAP50, bAP50, an
 unrefined figures when the rows carry them) and its paired difference to ``--against``. With
 ``--corrected`` the "unrefined" columns are the detector's figures after add_classes' bias
 correction (``*_corrected``, rows of runs since the parent-distillation variants); with
-``--per-increment`` the detector's figures with per-increment scoring (``*_per_increment``).
+``--per-increment`` the detector's figures with per-increment scoring (``*_per_increment``); with
+``--auto`` what ``add_classes --scoring auto`` serves (``*_auto``: scoring and offset chosen on val).
 """
 from __future__ import annotations
 
@@ -45,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-increment", action="store_true",
                    help="compare the detector's figures with per-increment scoring (nAP50_per_increment, "
                         "bAP50_per_increment; rows of runs since add_classes scores that way)")
+    p.add_argument("--auto", action="store_true",
+                   help="compare the detector's figures as add_classes --scoring auto serves it (scoring and offset "
+                        "chosen on val: nAP50_auto, bAP50_auto; rows of runs since that option)")
     args = p.parse_args(argv)
+    if args.corrected + args.per_increment + args.auto > 1:
+        p.error("--corrected, --per-increment and --auto each pick the figures to compare: pass one")
     from fewshot.metrics.stats import mean_ci95
 
     by: dict[tuple, dict] = {}
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             return r.get(f"{metric}_corrected")
         if args.per_increment:
             return r.get(f"{metric}_per_increment")
+        if args.auto:
+            return r.get(f"{metric}_auto")
         if f"{metric}_unrefined" in r:
             return r[f"{metric}_unrefined"]
         return r[metric] if r.get("fusion_weight") is None else None
@@ -73,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     pts = lambda x: 100.0 * float(x)  # noqa: E731
     for k in shots:
         print(f"\n{k}-shot (AP50 points, mean ± 95% CI over the draws both variants ran)\n")
-        own = "corrected" if args.corrected else "per-increment" if args.per_increment else "unrefined"
+        own = ("corrected" if args.corrected else "per-increment" if args.per_increment
+               else "auto-scored" if args.auto else "unrefined")
         print(f"| variant | nAP50 | bAP50 | {own} nAP50 | {own} bAP50 | paired Δ {own} nAP50 "
               f"vs {args.against} | paired Δ {own} bAP50 |" + (" bAP50 − parent |" if args.parent_bAP50 else ""))
         print("|---|---|---|---|---|---|---|" + ("---|" if args.parent_bAP50 else ""))

@@ -34,6 +34,11 @@ each class scored against the classes that existed when it was added
 (:mod:`fewshot.model.cosine_head`), which takes the competition out of the old classes' scores
 by construction; its test figures, and add_classes' offset rule judged on it.
 
+**``--scoring auto``** (``auto`` in each line, added with it): what add_classes serves by
+default, each scoring's offset rule judged on the first 100 / 150 / 300 val images and the
+scoring chosen between them (:func:`fewshot.learning.bias_correction.choose_scoring`), with its
+test figures; the tables pair it against joint scoring with its offset rule.
+
 **Weight-space interpolation** (``--alphas``, added after the tables above were read): WiSE-FT
 (Wortsman et al., "Robust fine-tuning of zero-shot models", CVPR 2022, Eq. 1) averages the
 fine-tuned weights with the ones fine-tuning started from, ``theta_alpha = (1 - alpha) theta_0 +
@@ -204,6 +209,8 @@ def run(args) -> None:
                        for name in sizes}
             classifier.set_scoring("joint")
             line["per_increment"] = per_increment_line(grouped, own, ref)
+            line["auto"] = {f"rule_val{n}": auto_line({"joint": own, "per-increment": grouped}, ref, n)
+                            for n in VAL_SIZES}
             for mode in modes if alphas else ():
                 line[f"interpolation_{mode}"] = interpolation_line(
                     own, {a: {name: reports(interpolated(start, child, a, mode), name, num_old, child.category_ids,
@@ -238,6 +245,26 @@ def per_increment_line(grouped, joint, ref) -> dict:
         out[f"val{n}"] = {f"{k}{m}": round(ref["val"][n] - r[n][0.0].bAP50 if m == "drop" else r[n][0.0].nAP50, 5)
                           for k, r in (("", grouped["val"]), ("joint_", joint["val"])) for m in ("drop", "nAP50")}
     return out | {f"rule_val{n}": rule_line(grouped, ref, n) for n in VAL_SIZES}
+
+
+def auto_line(by_scoring, ref, n: int) -> dict:
+    """What ``add_classes --scoring auto`` serves, judged on the first ``n`` val images: each
+    scoring's offset rule on its own offsets, then the scoring chosen between them
+    (:func:`fewshot.learning.bias_correction.choose_scoring`); its val and test figures."""
+    from fewshot.learning.bias_correction import ScoringCandidate, choose_offset, choose_scoring, offsets_for
+
+    candidates = []
+    for scoring, reports in by_scoring.items():
+        val = {o: reports["val"][n][o] for o in offsets_for(scoring, OFFSETS)}
+        offset, met = choose_offset(val, ref["val"][n], 0.01)
+        candidates.append(ScoringCandidate(scoring, offset, bool(met), val[offset].bAP50, val[offset].nAP50))
+    chosen = choose_scoring(candidates)
+    test = by_scoring[chosen.scoring]["test"]
+    return {"scoring": chosen.scoring, "offset": chosen.offset, "met": chosen.met,
+            "val_drop": round(ref["val"][n] - chosen.bAP50, 5), "val_nAP50": round(chosen.nAP50, 5),
+            "candidates": [{**c.to_dict(), "val_drop": round(ref["val"][n] - c.bAP50, 5)} for c in candidates],
+            **{f"test{t}_drop": round(ref["test"][t] - test[t][chosen.offset].bAP50, 5) for t in TEST_SIZES},
+            **{f"test{t}_nAP50": round(test[t][chosen.offset].nAP50, 5) for t in TEST_SIZES}}
 
 
 WISE_VAL = (150, 300)   # the val sizes the interpolation's selection is judged on
@@ -305,6 +332,8 @@ def summarize(path: str) -> str:
             "what that offset leaves on test:", ""] + rule_table(by, lambda r: r)
     if any("per_increment" in r for r in rows):
         out += ["", per_increment_table(by)]
+    if any("auto" in r for r in rows):
+        out += ["", auto_table(by)]
     for mode in ("all", "shared"):
         if any(f"interpolation_{mode}" in r for r in rows):
             out += ["", interpolation_tables(by, mode)]
@@ -343,6 +372,28 @@ def per_increment_table(by: dict) -> str:
     out += ["", "add_classes' offset rule judged on per-increment scores:", ""]
     out += rule_table({k: [r for r in rs if "per_increment" in r] for k, rs in by.items()},
                       lambda r: r["per_increment"])
+    return "\n".join(out)
+
+
+def auto_table(by: dict) -> str:
+    """``--scoring auto`` (the scoring and its offset chosen on val) paired against joint scoring
+    with its offset rule (what add_classes served before auto), on the same children."""
+    from fewshot.metrics.stats import mean_ci95
+
+    c = lambda xs: mean_ci95(xs).format()
+    out = ["add_classes --scoring auto: joint or per-increment scoring, each with its own offset rule, chosen on n "
+           "val images; paired against joint scoring with its offset rule:", "",
+           "| shots | val images | per-increment chosen | test drop (300) | nAP50 (300) | drop − joint | "
+           "nAP50 − joint |", "|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        rs = [r for r in rs if "auto" in r]
+        for n in VAL_SIZES:
+            a = [r["auto"][f"rule_val{n}"] for r in rs]
+            j = [r[f"rule_val{n}"] for r in rs]
+            chose = sum(x["scoring"] == "per-increment" for x in a)
+            out.append(f"| {shots} | {n} | {chose} of {len(a)} | {c(x['test300_drop'] for x in a)} "
+                       f"| {c(x['test300_nAP50'] for x in a)} | {c(x['test300_drop'] - y['test300_drop'] for x, y in zip(a, j))} "
+                       f"| {c(x['test300_nAP50'] - y['test300_nAP50'] for x, y in zip(a, j))} |")
     return "\n".join(out)
 
 

@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"keeping val bAP50 within {100 * args.bias_correction:g} point(s) of the base model's; "
                   f"met in {met} of {len(rows)} rows):\n\n" + corrected)
         notes += [f"corrected: {n}" for n in verdicts(rows, corrected_cells, shots, parent_bAP50, "_corrected")]
+        auto, auto_cells = summarize(rows, variants, shots, "_auto")
+        chose = sum(r["scoring_auto"] == "per-increment" for r in rows)
+        table += (f"\n\nas add_classes serves it by default (--scoring auto: joint or per-increment scoring, each "
+                  f"with its own offset, chosen on the same val images; per-increment in {chose} of {len(rows)} rows):"
+                  "\n\n" + auto)
+        notes += [f"auto: {n}" for n in verdicts(rows, auto_cells, shots, parent_bAP50, "_auto")]
     grouped, grouped_cells = summarize(rows, variants, shots, "_per_increment")
     table += ("\n\nthe same detectors with per-increment scoring (add_classes --scoring per-increment: each class scored "
               "against the classes that existed when it was added), no offset:\n\n" + grouped)

@@ -70,6 +70,9 @@ def test_one_unit_runs_every_variant_on_the_same_draw(tiny_catalog, base_checkpo
             assert r["bAP50_corrected"] == r["bAP50_unrefined"]
         # per-increment scoring re-scores the same detector: a figure per row, in range
         assert 0.0 <= r["bAP50_per_increment"] <= 1.0 and 0.0 <= r["nAP50_per_increment"] <= 1.0
+        # --scoring auto serves one of the two, each with its own offset (per-increment: none)
+        same = {"joint": "_corrected", "per-increment": "_per_increment"}[r["scoring_auto"]]
+        assert [r["bAP50_auto"], r["nAP50_auto"]] == pytest.approx([r[f"bAP50{same}"], r[f"nAP50{same}"]], nan_ok=True)
 
 
 @pytest.mark.integration
@@ -95,6 +98,7 @@ def test_ablation_job_logs_the_table(tiny_catalog, base_checkpoint, tiny_teacher
     assert "after bias correction (offset chosen on 5 val images" in text
     assert "corrected: 1-shot: all - baseline" in text
     assert "the same detectors with per-increment scoring" in text and "per-increment: 1-shot: all - baseline" in text
+    assert "as add_classes serves it by default (--scoring auto" in text and "auto: 1-shot: all - baseline" in text
     assert out.read_text().startswith("| variant |")
     client = mlflow.MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("fewshot-ablation")

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from fewshot.learning.bias_correction import (
+    ScoringCandidate,
     choose_offset,
+    choose_scoring,
     collect_second_stage,
     detections_with_offset,
     fit_new_row_offset,
+    offsets_for,
 )
 from fewshot.learning.episode import expand_parent, sample_episode
 from fewshot.metrics.coco_eval import EvalReport, load_eval_split, predict_rows
@@ -190,15 +193,16 @@ def test_fit_judged_as_served_passes_each_offset_s_detections_and_records_what_i
     first_new = len(parent.classes) + 1
     seen: dict[float, list[dict]] = {}
 
-    def served(offset, results):  # a stand-in refiner that serves the detector's own figure
+    def served(offset, results):  # a stand-in refiner that serves the detector's own figures
         seen[offset] = results
-        return split.evaluate(results).bAP50
+        report = split.evaluate(results)
+        return {"bAP50": report.bAP50, "nAP50": report.nAP50}
 
     # a detector allowance of 1.0 lets every offset through: the first asked (0.0) is within 0
     # of "the parent as served" when that is set to the child's own figure at 0.0
     at0 = split.evaluate(detections_with_offset(model, stages, first_new, 0.0, child.category_ids)).bAP50
     choice = fit_new_row_offset(model, split, child.category_ids, parent_b, max_base_drop=0.0,
-                                offsets=(0.0, -2.0, -60.0), served_bAP50=served,
+                                offsets=(0.0, -2.0, -60.0), served=served,
                                 parent_served_bAP50=at0, max_detector_drop=1.0)
     assert (choice.offset, choice.met, choice.judged) == (0.0, True, "served")
     assert list(seen) == [0.0]
@@ -207,9 +211,66 @@ def test_fit_judged_as_served_passes_each_offset_s_detections_and_records_what_i
         [(r["image_id"], r["category_id"], r["score"]) for r in want]
     rows = {row["offset"]: row for row in choice.table}
     assert rows[0.0]["served_bAP50"] == pytest.approx(at0) and "served_bAP50" not in rows[-2.0]
+    assert rows[0.0]["served_nAP50"] == pytest.approx(rows[0.0]["nAP50"])
+    assert choice.candidates == [{"scoring": "joint", "offset": 0.0, "met": True, "bAP50": pytest.approx(at0),
+                                  "nAP50": pytest.approx(rows[0.0]["nAP50"]), "HM50": pytest.approx(rows[0.0]["HM50"])}]
     assert (choice.parent_served_bAP50, choice.max_detector_drop) == (at0, 1.0)
     # unrefined, the same call judges the detector alone and records no served figures
     plain = fit_new_row_offset(_model(child), split, child.category_ids, parent_b, max_base_drop=0.0,
                                offsets=(0.0, -2.0, -60.0))
     assert plain.judged == "detector" and plain.parent_served_bAP50 is None
     assert all("served_bAP50" not in row for row in plain.table)
+
+
+def test_choose_scoring_prefers_a_met_rule_then_the_better_balance_then_the_first():
+    joint = ScoringCandidate("joint", -1.0, True, 0.70, 0.40)
+    grouped = ScoringCandidate("per-increment", 0.0, True, 0.70, 0.44)   # same base, no offset: more nAP50
+    assert choose_scoring([joint, grouped]) is grouped
+    missed = ScoringCandidate("per-increment", 0.0, False, 0.74, 0.60)  # a better balance, rule not met
+    assert choose_scoring([joint, missed]) is joint
+    assert choose_scoring([ScoringCandidate("joint", -1.0, False, 0.6, 0.3), missed]) is missed
+    twin = ScoringCandidate("per-increment", 0.0, True, 0.70, 0.40)     # a tie goes to the first (joint)
+    assert choose_scoring([joint, twin]) is joint and choose_scoring([twin, joint]) is twin
+    blind = [ScoringCandidate("joint", 0.0, True, 0.70, math.nan), ScoringCandidate("per-increment", 0.0, True, 0.71,
+                                                                                    math.nan)]
+    assert choose_scoring(blind).scoring == "per-increment"   # no new-class box on val: base AP50 alone
+    assert joint.to_dict()["HM50"] == pytest.approx(2 * 0.7 * 0.4 / 1.1)
+    with pytest.raises(ValueError, match="no scoring"):
+        choose_scoring([])
+    assert offsets_for("joint", (0.0, -1.0)) == (0.0, -1.0) and offsets_for("per-increment", (0.0, -1.0)) == (0.0,)
+
+
+def test_fit_chooses_between_scorings_from_one_pass_and_sets_the_chosen_one(tiny_catalog, episode, monkeypatch):
+    import fewshot.learning.bias_correction as bc
+
+    parent, child, novel = episode
+    split = load_eval_split(tiny_catalog, "synthworld", "test", parent.classes, novel, max_images=6)
+    parent_b = split.evaluate(predict_rows(_model(parent), split.rows, parent.category_ids)).bAP50
+    passes = []
+    real = bc.collect_second_stage
+    monkeypatch.setattr(bc, "collect_second_stage", lambda *a, **k: passes.append(1) or real(*a, **k))
+    model = _model(child)
+    choice = fit_new_row_offset(model, split, child.category_ids, parent_b, max_base_drop=0.0,
+                                offsets=(0.0, -2.0, -60.0), scorings=("joint", "per-increment"))
+    assert len(passes) == 1   # both scorings re-post-process the same second stages
+    by = {c["scoring"]: c for c in choice.candidates}
+    assert list(by) == ["joint", "per-increment"]
+    assert by["per-increment"]["offset"] == 0.0   # the only offset per-increment scoring tries
+    want = choose_scoring([ScoringCandidate(**{k: c[k] for k in ("scoring", "offset", "met", "bAP50", "nAP50")})
+                           for c in choice.candidates])
+    assert (choice.scoring, choice.offset, choice.met) == (want.scoring, want.offset, want.met)
+    classifier = model.roi_heads.box_predictor.cls_score
+    assert classifier.scoring == choice.scoring
+    assert classifier.logit_bias[len(parent.classes) + 1:].tolist() == [choice.offset] * len(novel)
+    # the model as set scores what the chosen candidate says, and the choice carries its detections
+    direct = predict_rows(model, split.rows, child.category_ids)
+    assert split.evaluate(direct).bAP50 == pytest.approx(by[choice.scoring]["bAP50"], abs=1e-6)
+    assert [r["category_id"] for r in choice.results] == [r["category_id"] for r in direct]
+    # each scoring's figures are its own: per-increment scoring at offset 0, re-scored directly
+    classifier.set_new_bias(0.0)
+    classifier.set_scoring("per-increment")
+    grouped = split.evaluate(predict_rows(model, split.rows, child.category_ids))
+    assert (by["per-increment"]["bAP50"], by["per-increment"]["nAP50"]) == (
+        pytest.approx(grouped.bAP50, abs=1e-6), pytest.approx(grouped.nAP50, abs=1e-6, nan_ok=True))
+    with pytest.raises(ValueError, match="unknown scoring"):
+        fit_new_row_offset(_model(child), split, child.category_ids, parent_b, 0.0, scorings=("grouped",))

@@ -20,6 +20,7 @@ import requests
 from ray import serve
 
 from fewshot.backends import registry
+from fewshot.learning.bias_correction import DEFAULT_OFFSETS, ScoringCandidate, choose_scoring
 from fewshot.model.checkpoint import load_checkpoint
 from services import BIN, ROOT, free_port, wait_http
 
@@ -144,8 +145,8 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
         out = submit(cluster, ["jobs/add_classes.py", "--classes", ",".join(novel), "--shots", "2",
                                "--steps", "6", "--batch-size", "4", "--max-base-drop", "1.0", "--max-detector-drop", "1.0",
                                "--cpus-per-worker", "1", "--freeze", "backbone", "--balancer", "pgb",
-                               "--teacher", tiny_teacher_spec, "--distill-beta", "0.5", "--scoring", "per-increment",
-                               "--max-val-images", "8", *common])  # bias correction: on by default (0.01)
+                               "--teacher", tiny_teacher_spec, "--distill-beta", "0.5",
+                               "--max-val-images", "8", *common])  # bias correction and --scoring auto: defaults
         assert "as 'champion'" in out
         deadline = time.time() + 120
         while time.time() < deadline and 2 not in versions:
@@ -184,13 +185,22 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
     # and held the old classes' outputs to the parent's while the box head trained (lambda 1)
     assert v2.tags["parent_distill"] == "1" and "parent distillation lambda=1, " in out
     assert json.loads(v2.tags["config"])["parent_distill"] == 1.0
-    # --scoring per-increment: each class scored against the classes it was added beside; the
-    # registered checkpoint carries the increments' row ends and the choice, Serve reads both
-    assert v2.tags["scoring"] == "per-increment" and "scoring=per-increment)" in out
+    # --scoring auto (the default): joint and per-increment scoring were each judged on val with
+    # their own offset rule and the version keeps the one choose_scoring prefers; the registered
+    # checkpoint carries the increments' row ends and that choice, Serve reads both
+    assert v2.tags["scoring_option"] == "auto" and "scoring=auto)" in out
+    candidates = json.loads(v2.tags["scoring_val"])
+    assert [c["scoring"] for c in candidates] == ["joint", "per-increment"]
+    assert next(c for c in candidates if c["scoring"] == "per-increment")["offset"] == 0.0
+    want = choose_scoring([ScoringCandidate(**{k: c[k] for k in ("scoring", "offset", "met", "bAP50", "nAP50")})
+                           for c in candidates])
+    assert v2.tags["scoring"] == want.scoring and f"{want.scoring} scoring, new rows' logit offset" in out
+    assert float(v2.tags["bias_correction_offset"]) == want.offset
     clf = load_checkpoint(registry.download_checkpoint(mlflow_uri, MODEL, 2, tmp_path / "v2")
                           ).build_model().roi_heads.box_predictor.cls_score
-    assert clf.scoring == "per-increment"
+    assert clf.scoring == want.scoring
     assert clf.increment_ends.tolist() == [len(split.base) + 1, len(split.base) + 1 + len(novel)]
+    assert clf.logit_bias[len(split.base) + 1:].tolist() == [want.offset] * len(novel)
     assert body["refinement"] == {"applied": True, "fusion_weight": weight,
                                   "teacher": v2.tags["refine_teacher"]}
     for det in body["detections"]:
@@ -216,6 +226,9 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
     # offset, so a choice that met the rule shows in the gate's figures
     offset = float(v2.tags["bias_correction_offset"])
     assert offset <= 0.0 and f"new rows' logit offset {offset:g}" in out
+    scoring_selection = json.load(open(client.download_artifacts(client.get_model_version(MODEL, "2").run_id,
+                                                                 "scoring/selection.json")))
+    assert scoring_selection["chosen"] == want.scoring and scoring_selection["candidates"] == candidates
     assert v2.tags["bias_correction_judged"] == "served" and "as served with CLIP refinement" in out
     assert v2.tags["bias_correction_met"] in ("true", "false")
     selection = client.download_artifacts(client.get_model_version(MODEL, "2").run_id,
@@ -242,6 +255,10 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
     assert mv.description.startswith("Adds ") and "Gate passed on 8 val images" in mv.description
     logged = {a.path for a in client.list_artifacts(mv.run_id, "bias_correction")}
     assert logged == {"bias_correction/offset.png", "bias_correction/selection.json"}
+    # the selection table is the chosen scoring's grid: one offset (0) under per-increment scoring
+    grid = [r["offset"] for r in json.load(open(client.download_artifacts(mv.run_id, "bias_correction/selection.json")
+                                                ))["offsets"]]
+    assert grid == ([0.0] if want.scoring == "per-increment" else sorted(DEFAULT_OFFSETS, reverse=True)), grid
     assert client.get_run(mv.run_id).data.metrics["bias_correction_offset"] == offset
 
 
@@ -256,10 +273,10 @@ def _wait_served(url: str, version: int, timeout: float = 60) -> None:
     assert _served_version(url) == version
 
 
-def _add(cluster, classes, **kw) -> list[str]:
+def _add(cluster, classes, *extra: str) -> list[str]:
     return ["jobs/add_classes.py", "--classes", classes, "--shots", "2", "--steps", "4", "--batch-size", "4",
             "--max-base-drop", "1.0", "--max-detector-drop", "1.0", "--cpus-per-worker", "1",
-            "--max-val-images", "6", *STATE["common"]]
+            "--max-val-images", "6", *extra, *STATE["common"]]
 
 
 def test_two_jobs_at_once_lose_no_class(cluster, mlflow_uri):
@@ -268,7 +285,8 @@ def test_two_jobs_at_once_lose_no_class(cluster, mlflow_uri):
     url, (a, b) = STATE["url"], STATE["novel"][2:4]
     parent = registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION)
     outs = {}
-    jobs = [threading.Thread(target=lambda c=c: outs.__setitem__(c, submit(cluster, _add(cluster, c))))
+    flags = {a: ("--scoring", "per-increment"), b: ()}   # b: add_classes' default, --scoring auto
+    jobs = [threading.Thread(target=lambda c=c: outs.__setitem__(c, submit(cluster, _add(cluster, c, *flags[c]))))
             for c in (a, b)]
     for t in jobs:
         t.start()
@@ -278,7 +296,13 @@ def test_two_jobs_at_once_lose_no_class(cluster, mlflow_uri):
     new = [registry.get_version(mlflow_uri, MODEL, v.version) for v in registry.list_versions(mlflow_uri, MODEL)
            if v.parent_version == parent.version and v.tags.get("new_classes") in (a, b)]
     assert len(new) == 2
-    assert all(v.tags["scoring"] == "joint" for v in new)   # add_classes' default, whatever the parent's
+    by_class = {v.tags["new_classes"]: v for v in new}
+    # --scoring per-increment is kept as asked (no choice made); auto's choice is one of the two,
+    # whatever the parent's scoring
+    assert (by_class[a].tags["scoring"], by_class[a].tags["scoring_option"]) == ("per-increment", "per-increment")
+    assert "scoring_val" not in by_class[a].tags
+    assert by_class[b].tags["scoring_option"] == "auto"
+    assert by_class[b].tags["scoring"] in ("joint", "per-increment") and "scoring_val" in by_class[b].tags
     promoted = [v for v in new if "champion" in v.aliases]
     assert len(promoted) == 1, [(v.version, v.aliases, v.tags.get("promotion_reason")) for v in new]
     other = next(v for v in new if v is not promoted[0])

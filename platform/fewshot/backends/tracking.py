@@ -71,6 +71,19 @@ def log_refinement(refiner) -> dict[str, str]:
             "refine_objective": str(refiner.selection.get("objective", ""))}
 
 
+def log_scoring_choice(choice) -> dict[str, str]:
+    """The scoring ``add_classes --scoring auto`` chose on val
+    (:class:`fewshot.learning.bias_correction.BiasChoice`): each candidate's offset and val
+    figures as JSON in the active run; returns the version tags that record it."""
+    mlflow.log_dict({"chosen": choice.scoring, "candidates": choice.candidates, "judged": choice.judged},
+                    "scoring/selection.json")
+    for c in choice.candidates:
+        log_metrics({f"scoring/val_{c['scoring']}_{k}": c[k] for k in ("bAP50", "nAP50", "HM50")})
+    tags = {"scoring": choice.scoring, "scoring_val": json.dumps(choice.candidates, sort_keys=True)}
+    set_tags(tags)
+    return tags
+
+
 def log_bias_correction(choice) -> dict[str, str]:
     """The new rows' logit offset the bias correction chose
     (:class:`fewshot.learning.bias_correction.BiasChoice`): every offset's val figures as

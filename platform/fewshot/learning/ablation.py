@@ -44,7 +44,10 @@ of the parent's"): ``offset``, ``rule_met``, ``bAP50_corrected``, ``nAP50_correc
 scoring (``add_classes --scoring per-increment``, :mod:`fewshot.model.cosine_head`: each class scored against the
 classes that existed when it was added), from the same trained model and the same second-stage
 outputs: ``bAP50_per_increment``, ``nAP50_per_increment``, ``HM50_per_increment``; the
-uncorrected figures are joint scoring's.
+uncorrected figures are joint scoring's, and so are the corrected ones. With bias correction,
+rows also carry what ``add_classes --scoring auto`` (the default) serves: the scoring chosen on
+the same val images (:func:`fewshot.learning.bias_correction.choose_scoring`) with its own
+offset, ``scoring_auto``, ``bAP50_auto``, ``nAP50_auto``, ``HM50_auto``.
 
 Math layer: no ray, no mlflow.
 """
@@ -60,6 +63,7 @@ from fewshot.learning.episode import (
 )
 from fewshot.metrics.coco_eval import load_eval_split
 from fewshot.learning.bias_correction import collect_second_stage, detections_with_offset, fit_new_row_offset
+from fewshot.model.cosine_head import AUTO_SCORINGS
 from fewshot.learning.method import MethodConfig
 from fewshot.learning.parent_distillation import DEFAULT_PARENT_DISTILL
 from fewshot.learning.loop import TrainConfig
@@ -196,11 +200,18 @@ def run_unit(spec: UnitSpec, parent: DetectorCheckpoint,
                     parent_val_bAP50 = score(parent, val, device=device, precision=precision,
                                              trunk_cache=cache).bAP50
                 choice = fit_new_row_offset(model, val, ep.child_ids, parent_val_bAP50, spec.bias_correction,
-                                            device=device, precision=precision, trunk_cache=cache)
-                fixed = test.evaluate(detections_with_offset(model, stages, first_new, choice.offset, ep.child_ids))
-                corrected |= {"offset": choice.offset, "rule_met": choice.met, "bAP50_corrected": fixed.bAP50,
+                                            scorings=AUTO_SCORINGS, device=device, precision=precision,
+                                            trunk_cache=cache)
+                joint = next(c for c in choice.candidates if c["scoring"] == "joint")
+                classifier.set_scoring("joint")
+                fixed = test.evaluate(detections_with_offset(model, stages, first_new, joint["offset"], ep.child_ids))
+                classifier.set_scoring(choice.scoring)
+                auto = test.evaluate(detections_with_offset(model, stages, first_new, choice.offset, ep.child_ids))
+                classifier.set_scoring(trained_scoring)
+                corrected |= {"offset": joint["offset"], "rule_met": joint["met"], "bAP50_corrected": fixed.bAP50,
                              "nAP50_corrected": fixed.nAP50, "HM50_corrected": fixed.HM50,
-                             "parent_val_bAP50": parent_val_bAP50}
+                             "parent_val_bAP50": parent_val_bAP50, "scoring_auto": choice.scoring,
+                             "bAP50_auto": auto.bAP50, "nAP50_auto": auto.nAP50, "HM50_auto": auto.HM50}
             trained[v.training_key] = (child, test_results, corrected)
         child, test_results, corrected = trained[v.training_key]
         fusion_weight = None

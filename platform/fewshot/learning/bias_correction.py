@@ -28,6 +28,15 @@ only way a child loses old-class AP is that its new rows take probability from o
 their own objects (softmax over all rows). A negative offset gives that mass back; at
 ``beta -> -inf`` the old classes score exactly as in the parent.
 
+**Which scoring** (:mod:`fewshot.model.cosine_head`): under per-increment scoring an old class's
+probability does not depend on the new rows' logits, so the rule has nothing to correct there
+and tries offset 0 only. ``add_classes --scoring auto`` runs the rule under both scorings from
+the same prediction pass and keeps the scoring whose offset met the rule, then the better
+harmonic mean of old- and new-class AP50 (:func:`choose_scoring`): per-increment scoring
+removes the new rows' competition on old objects, joint scoring lets the new rows push down
+old-class false detections on new objects, and which is worth more differs between models
+(README *Per-increment scoring*).
+
 The val predictions are computed once: the second stage's inputs to torchvision's
 post-processing (proposals, class logits, box deltas) are kept per image, and every offset of
 the grid re-runs only the post-processing (:meth:`RoIHeads.postprocess_detections`, the
@@ -73,6 +82,8 @@ class BiasChoice:
     judged: str = "detector"  # "served": the rule was judged as served, with refinement
     parent_served_bAP50: float | None = None
     max_detector_drop: float | None = None
+    scoring: str = "joint"  # the scoring the chosen offset goes with (fit_new_row_offset's ``scorings``)
+    candidates: list[dict] = field(default_factory=list)  # each scoring's outcome (ScoringCandidate.to_dict)
 
 
 @torch.no_grad()
@@ -165,19 +176,72 @@ def choose_offset(reports: Mapping[float, EvalReport], parent_bAP50: float,
     return max(by_size, key=lambda o: (balance(o), -abs(o))), False
 
 
+@dataclass(frozen=True)
+class ScoringCandidate:
+    """One scoring's outcome of the offset rule on val: the offset it chose, whether that met the
+    rule, and the figures the rule judged (as served when the version is refined)."""
+
+    scoring: str
+    offset: float
+    met: bool
+    bAP50: float
+    nAP50: float
+
+    @property
+    def balance(self) -> float:
+        """The harmonic mean of bAP50 and nAP50 (bAP50 alone when val holds no new-class box)."""
+        hm = harmonic_mean(self.bAP50, self.nAP50)
+        return self.bAP50 if math.isnan(hm) else hm
+
+    def to_dict(self) -> dict:
+        return {"scoring": self.scoring, "offset": self.offset, "met": self.met, "bAP50": self.bAP50,
+                "nAP50": self.nAP50, "HM50": self.balance}
+
+
+def choose_scoring(candidates: Sequence[ScoringCandidate]) -> ScoringCandidate:
+    """The scoring a version is served with, chosen on val (``add_classes --scoring auto``): one
+    whose offset met the rule before one whose did not, then the better harmonic mean of the
+    old and new classes' AP50 (the bias correction's own fallback criterion), then the earlier
+    candidate (pass joint first: the training objective's scoring). Per-increment scoring keeps
+    an old class's score as in the parent and joint scoring lets the new rows push down its
+    false detections on new objects; which helps more depends on the data (README *Per-increment
+    scoring*), so val decides per version."""
+    if not candidates:
+        raise ValueError("no scoring to choose from")
+    best = candidates[0]
+    for c in candidates[1:]:
+        if (c.met, c.balance) > (best.met, best.balance + 1e-12):
+            best = c
+    return best
+
+
+def offsets_for(scoring: str, offsets: Sequence[float]) -> tuple[float, ...]:
+    """The offsets the rule tries under ``scoring``: the grid under joint scoring; only 0 under
+    per-increment scoring, where an old class's probability does not depend on the new rows'
+    logits at all (:mod:`fewshot.model.cosine_head`), so a negative offset cannot give it
+    anything back and only pushes new-class detections under the score threshold."""
+    return tuple(float(o) for o in offsets) if scoring == "joint" else (0.0,)
+
+
 def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Sequence[int],
                        parent_bAP50: float, max_base_drop: float,
                        offsets: Sequence[float] = DEFAULT_OFFSETS, *,
-                       served_bAP50: Callable[[float, list[dict]], float] | None = None,
+                       served: Callable[[float, list[dict]], Mapping[str, float]] | None = None,
                        parent_served_bAP50: float | None = None, max_detector_drop: float | None = None,
+                       scorings: Sequence[str] | None = None,
                        device: str | torch.device | None = None, precision: str = "fp32",
                        trunk_cache: TrunkCache | None = None) -> BiasChoice:
     """Choose the newest rows' logit offset on ``split`` (see the module docstring), set it on
     ``model``'s classifier and return the choice with the figures of every offset tried.
 
-    ``served_bAP50(offset, detections)``: the base AP50 on ``split`` of the model as served given
-    its detections at that offset (e.g. a refiner fitted on them); with it, the rule is judged as
-    served (:func:`choose_offset`) and the table's rows it was asked for carry ``served_bAP50``."""
+    ``served(offset, detections)``: the model's figures on ``split`` as served (``bAP50`` and
+    ``nAP50``) given its detections at that offset (e.g. a refiner fitted on them); with it, the
+    rule is judged as served (:func:`choose_offset`) and the table's rows it was asked for carry
+    ``served_bAP50`` and ``served_nAP50``.
+
+    ``scorings``: the scorings to choose between (:func:`choose_scoring`; each runs the rule on
+    its own offsets, :func:`offsets_for`, from one prediction pass); the chosen one is set on the
+    classifier. Default: the classifier's current scoring only."""
     if not offsets:
         raise ValueError("offsets must not be empty")
     if any(not math.isfinite(o) or o > 0 for o in offsets):
@@ -186,26 +250,39 @@ def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Se
     first_new = classifier.weight_old.shape[0]
     if first_new <= 1 or classifier.weight_new.shape[0] == 0:
         raise ValueError("bias correction needs old classes and new rows (a model fresh from expand_detector)")
+    scorings = tuple(scorings) if scorings else (classifier.scoring,)
     classifier.set_new_bias(0.0)
     stages = collect_second_stage(model, split.rows, device=device, precision=precision, trunk_cache=trunk_cache)
-    detections = {float(o): detections_with_offset(model, stages, first_new, float(o), label_to_category)
-                  for o in offsets}
-    reports = {o: split.evaluate(results) for o, results in detections.items()}
-    served: dict[float, float] = {}
+    outcomes: dict[str, tuple] = {}
+    for scoring in scorings:
+        classifier.set_scoring(scoring)   # post-processing only: the same second stages serve every scoring
+        tried = offsets_for(scoring, offsets)
+        detections = {o: detections_with_offset(model, stages, first_new, o, label_to_category) for o in tried}
+        reports = {o: split.evaluate(results) for o, results in detections.items()}
+        asked: dict[float, Mapping[str, float]] = {}
 
-    def served_at(offset: float) -> float:
-        served[offset] = float(served_bAP50(offset, detections[offset]))
-        return served[offset]
+        def served_at(offset: float, detections=detections, asked=asked) -> float:
+            asked[offset] = served(offset, detections[offset])
+            return float(asked[offset]["bAP50"])
 
-    chosen, met = choose_offset(reports, parent_bAP50, max_base_drop,
-                                served_bAP50=served_at if served_bAP50 is not None else None,
-                                parent_served_bAP50=parent_served_bAP50, max_detector_drop=max_detector_drop)
-    classifier.set_new_bias(chosen)
+        offset, met = choose_offset(reports, parent_bAP50, max_base_drop,
+                                    served_bAP50=served_at if served is not None else None,
+                                    parent_served_bAP50=parent_served_bAP50, max_detector_drop=max_detector_drop)
+        judged = asked.get(offset) or {"bAP50": reports[offset].bAP50, "nAP50": reports[offset].nAP50}
+        candidate = ScoringCandidate(scoring=scoring, offset=offset, met=met, bAP50=float(judged["bAP50"]),
+                                     nAP50=float(judged["nAP50"]))
+        outcomes[scoring] = (candidate, reports, asked, detections[offset])
+    chosen = choose_scoring([outcomes[s][0] for s in scorings])
+    _, reports, asked, results = outcomes[chosen.scoring]
+    classifier.set_scoring(chosen.scoring)
+    classifier.set_new_bias(chosen.offset)
     table = [{"offset": o, "bAP50": r.bAP50, "nAP50": r.nAP50, "HM50": r.HM50,
-              **({"served_bAP50": served[o]} if o in served else {})}
+              **({"served_bAP50": float(asked[o]["bAP50"]), "served_nAP50": float(asked[o]["nAP50"])}
+                 if o in asked else {})}
              for o, r in sorted(reports.items(), key=lambda kv: -kv[0])]
-    return BiasChoice(offset=chosen, parent_bAP50=parent_bAP50, max_base_drop=max_base_drop,
-                      met=met, table=table, results=detections[chosen],
-                      judged="served" if served_bAP50 is not None else "detector",
-                      parent_served_bAP50=parent_served_bAP50 if served_bAP50 is not None else None,
-                      max_detector_drop=max_detector_drop if served_bAP50 is not None else None)
+    return BiasChoice(offset=chosen.offset, parent_bAP50=parent_bAP50, max_base_drop=max_base_drop,
+                      met=chosen.met, table=table, results=results,
+                      judged="served" if served is not None else "detector",
+                      parent_served_bAP50=parent_served_bAP50 if served is not None else None,
+                      max_detector_drop=max_detector_drop if served is not None else None,
+                      scoring=chosen.scoring, candidates=[outcomes[s][0].to_dict() for s in scorings])

@@ -35,7 +35,7 @@ from torch import nn
 
 from catalog.schema import TEACHER_EMB_COLUMN
 from fewshot.model.checkpoint import DetectorCheckpoint
-from fewshot.model.cosine_head import DEFAULT_SCORING, Scoring
+from fewshot.model.cosine_head import ScoringChoice
 from fewshot.model.batches import class_index, prefetch, random_batches
 from fewshot.model.devices import pin_batch, resolve_device
 from fewshot.model.trunk_cache import TrunkCache, cached_trunk
@@ -129,13 +129,16 @@ class MethodOptions:
     refine: bool = True
     """With --teacher, fit CLIP score refinement: the fusion weight is chosen on the val split,
     stored with the version, and Serve applies it."""
-    scoring: Scoring = DEFAULT_SCORING
-    """How the new version scores its classes. joint (default): one softmax over every class;
+    scoring: ScoringChoice = "auto"
+    """How the new version scores its classes. joint: one softmax over every class;
     per-increment: each class by a softmax over the classes that existed when it was added, so
     an old class scores a box as it did before the new rows existed (the new rows cannot take
     its probability, nor push down its false detections on new objects; the new classes are
-    scored against every class). Training is the same either way; the choice travels with the
-    version."""
+    scored against every class); auto (default): both are scored on the val split after
+    fine-tuning, each with its own bias-correction offset, and the version keeps the one that
+    keeps the old classes within --bias-correction of the parent, then the one with the better
+    harmonic mean of old- and new-class AP50 (ties: joint). Training is the same either way;
+    the choice travels with the version (tag 'scoring')."""
     parent_distill: float | None = DEFAULT_PARENT_DISTILL
     """Weight lambda of the distillation of the old classes' outputs (logits and box deltas on
     the sampled RoIs) from the parent, Shmelkov et al. 2017, so the box head that trains does

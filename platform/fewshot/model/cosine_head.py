@@ -37,7 +37,9 @@ loses on the old classes (README *Where the last base points go*). What it gives
 scoring's new rows also push down the old classes' false detections on new objects, which per
 increment keep the parent's score; which of the two wins depends on the data (README
 *Per-increment scoring*, *Three increments*: val preferred joint in the three-increment chain),
-so joint is the default and per-increment a choice.
+so ``add_classes --scoring auto`` (the default) chooses per version on val
+(:func:`fewshot.learning.bias_correction.choose_scoring`); a classifier scores jointly unless
+told otherwise.
 
 Box regression is class-agnostic (one set of deltas, repeated per class for torchvision's
 post-processing), so a new class needs no new regression rows and old localisation is kept.
@@ -53,7 +55,9 @@ from torch import nn
 
 Scoring = Literal["per-increment", "joint"]
 SCORINGS: tuple[str, ...] = ("per-increment", "joint")
-DEFAULT_SCORING: Scoring = "joint"   # per-increment is an option: val did not prefer it (README)
+DEFAULT_SCORING: Scoring = "joint"   # a classifier's scoring until one is chosen (the training loss's)
+ScoringChoice = Literal["auto", "joint", "per-increment"]   # what add_classes --scoring takes
+AUTO_SCORINGS: tuple[Scoring, ...] = ("joint", "per-increment")   # auto's candidates; ties go to joint
 
 
 class CosineClassifier(nn.Module):

@@ -44,10 +44,11 @@ from catalog.overlap import SharedImagesError, assert_disjoint
 from catalog.schema import TEACHER_EMB_COLUMN
 from fewshot.backends import promotion, ray_train, registry, tracking
 from fewshot.backends.cluster import ClusterOptions, ensure_ray, predict_on
+from fewshot.model.cosine_head import AUTO_SCORINGS
 from fewshot.model.trunk_cache import TrunkCache, use_trunk_cache
 from fewshot.backends.ray_train import PRECISION_KEY
 from fewshot.clip.refinement import EXTRA_KEY as REFINER_KEY
-from fewshot.learning.bias_correction import fit_new_row_offset
+from fewshot.learning.bias_correction import DEFAULT_OFFSETS, fit_new_row_offset
 from fewshot.learning.episode import (
     Episode, expand_parent, pseudo_label_episode, refine_checkpoint_file, score,
 )
@@ -405,7 +406,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                       new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
                       novel_rows=novel_rows, replay_rows=replay_rows)
     start = expand_parent(episode, device=opts.cluster.device(),  # one imprinted row per new class
-                          scoring=opts.method.scoring)
+                          scoring=_trained_scoring(opts.method.scoring))
     pseudo = None
     if opts.pseudo_labels is not None and plan.method.freeze != "head":
         episode, pseudo = pseudo_label_episode(episode, opts.pseudo_labels, device=opts.cluster.device())
@@ -471,13 +472,13 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         bias_tags: dict[str, str] = {}
         child_val_results = None
         refiner = None
-        if opts.bias_correction is not None:
+        if opts.bias_correction is not None or opts.method.scoring == "auto":
             with clock("evaluate"):
                 parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster,
                                          eval_cache)
             with clock("bias_correction"):
-                # the grid's detections at the chosen offset are the corrected child's on val; when
-                # refining, the rule is judged as served and the chosen offset's refiner is kept
+                # the grid's detections at the chosen offset (and scoring) are the corrected child's
+                # on val; when refining, the rule is judged as served and the chosen refiner is kept
                 child_ckpt, bias_tags, child_val_results, refiner = _correct_new_bias(
                     final, child_ckpt, plan, parent_val, precision, eval_cache)
         if child_val_results is None:
@@ -538,7 +539,8 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
         method_tags = {"balancer": method.balancer or "none", "distill_beta": f"{method.distill_beta:g}",
                        "parent_distill": f"{method.parent_distill:g}",
                        "freeze": method.freeze, "config_source": plan.config_source,
-                       "scoring": opts.method.scoring,
+                       "scoring": _trained_scoring(opts.method.scoring),   # auto: bias_tags say which
+                       "scoring_option": opts.method.scoring,
                        "pseudo_labels": "off" if pseudo is None else f"{opts.pseudo_labels:g}:{pseudo.added}",
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
                                              "steps": opts.train.steps}, sort_keys=True)}
@@ -585,49 +587,73 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                             precision=precision)
 
 
+def _trained_scoring(option: str) -> str:
+    """The scoring a child starts with (and keeps unless ``--scoring auto`` chooses on val)."""
+    return "joint" if option == "auto" else option
+
+
 def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_val: "_Scores",
                       precision: str, trunk_cache: TrunkCache | None):
-    """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`), write
-    it into the checkpoint at ``path``, log the choice; returns the corrected checkpoint, the
-    version tags that record it, its val detections and, when the version will be refined, the
-    refiner fitted on those detections (the rule is then judged as served). Runs where the
-    driver evaluates (its GPU with --gpu when it has one, else the CPU)."""
+    """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`) and,
+    with ``--scoring auto``, the scoring (each with its own offset, from one prediction pass);
+    write them into the checkpoint at ``path``, log the choice; returns the corrected
+    checkpoint, the version tags that record it, its val detections and, when the version will
+    be refined, the refiner fitted on those detections (the rule is then judged as served).
+    With ``--bias-correction None`` only offset 0 is tried, against the gate's
+    ``--max-base-drop``. Runs where the driver evaluates (its GPU with --gpu when it has one,
+    else the CPU)."""
     from fewshot.clip.refinement import fit_refiner
 
     opts = plan.opts
     model = child_ckpt.build_model()
     parent_bAP50 = parent_val.unrefined.bAP50
-    refiners: dict[float, object] = {}
+    correcting = opts.bias_correction is not None
+    allowance = opts.bias_correction if correcting else opts.max_base_drop
+    scorings = AUTO_SCORINGS if opts.method.scoring == "auto" else (opts.method.scoring,)
+    refiners: dict[tuple[str, float], object] = {}
+    classifier = model.roi_heads.box_predictor.cls_score
 
-    def served_bAP50(offset: float, results: list[dict]) -> float:
+    def served(offset: float, results: list[dict]) -> dict:
         refiner = fit_refiner(plan.teacher, child_ckpt.classes, child_ckpt.category_ids, plan.val, results)
-        refiners[offset] = refiner
+        refiners[classifier.scoring, offset] = refiner
         row = next(r for r in refiner.selection["grid"] if r["lambda"] == refiner.fusion_weight)
-        print(f"  offset {offset:g}: val base AP50 as served {row['bAP50']:.4f} "
+        print(f"  {classifier.scoring} scoring, offset {offset:g}: val base AP50 as served {row['bAP50']:.4f} "
               f"(fusion weight {refiner.fusion_weight:g})", flush=True)
-        return row["bAP50"]
+        return row
 
+    what = "the new classes' logit offset" if correcting else "no offset"
+    if len(scorings) > 1:
+        what += " and the scoring (joint or per-increment)"
     if plan.refine:
-        print(f"choosing the new classes' logit offset on {len(plan.val.rows)} val images (as served with "
-              f"CLIP refinement: base AP50 within {opts.bias_correction:g} of the parent's "
+        print(f"choosing {what} on {len(plan.val.rows)} val images (as served with "
+              f"CLIP refinement: base AP50 within {allowance:g} of the parent's "
               f"{parent_val.served.bAP50:.4f}, the detector alone within {opts.max_detector_drop:g} of "
               f"{parent_bAP50:.4f}) ...", flush=True)
     else:
-        print(f"choosing the new classes' logit offset on {len(plan.val.rows)} val images "
-              f"(base AP50 within {opts.bias_correction:g} of the parent's {parent_bAP50:.4f}) ...", flush=True)
-    choice = fit_new_row_offset(model, plan.val, child_ckpt.category_ids, parent_bAP50, opts.bias_correction,
-                                served_bAP50=served_bAP50 if plan.refine else None,
+        print(f"choosing {what} on {len(plan.val.rows)} val images "
+              f"(base AP50 within {allowance:g} of the parent's {parent_bAP50:.4f}) ...", flush=True)
+    choice = fit_new_row_offset(model, plan.val, child_ckpt.category_ids, parent_bAP50, allowance,
+                                offsets=DEFAULT_OFFSETS if correcting else (0.0,),
+                                served=served if plan.refine else None,
                                 parent_served_bAP50=parent_val.served.bAP50,
-                                max_detector_drop=opts.max_detector_drop,
+                                max_detector_drop=opts.max_detector_drop, scorings=scorings,
                                 device=opts.cluster.device(), precision=precision, trunk_cache=trunk_cache)
     save_checkpoint(path, model, child_ckpt.config, child_ckpt.classes, child_ckpt.category_ids,
                     child_ckpt.dataset, child_ckpt.class_set, child_ckpt.extra)
-    tags = tracking.log_bias_correction(choice)
+    tags = tracking.log_bias_correction(choice) if correcting else {}
+    if len(scorings) > 1:
+        tags |= tracking.log_scoring_choice(choice)
     row = next(r for r in choice.table if r["offset"] == choice.offset)
-    print(f"new rows' logit offset {choice.offset:g}: val bAP50 {row['bAP50']:.4f} nAP50 {row['nAP50']:.4f}"
+    print(f"{choice.scoring} scoring, new rows' logit offset {choice.offset:g}: val bAP50 {row['bAP50']:.4f} "
+          f"nAP50 {row['nAP50']:.4f}"
           + (f", as served {row['served_bAP50']:.4f}" if "served_bAP50" in row else "")
-          + ("" if choice.met else " (no offset tried meets the rule; the best balance of base and new AP50)"), flush=True)
-    return load_checkpoint(path), tags, choice.results, refiners.get(choice.offset)
+          + ("" if choice.met else " (nothing tried meets the rule; the best balance of base and new AP50)"),
+          flush=True)
+    if len(scorings) > 1:
+        print("  val per scoring: " + "; ".join(
+            f"{c['scoring']} offset {c['offset']:g} bAP50 {c['bAP50']:.4f} nAP50 {c['nAP50']:.4f} "
+            f"{'met' if c['met'] else 'not met'}" for c in choice.candidates), flush=True)
+    return load_checkpoint(path), tags, choice.results, refiners.get((choice.scoring, choice.offset))
 
 
 def _base_only(split: EvalSplit) -> EvalSplit:

@@ -105,9 +105,10 @@ class TuneOptions:
     fine-tunes) whose freeze policy trains more than the new classifier rows; None: off. Use
     the value add_classes will run with, so the trials train as it will."""
     scoring: Scoring = DEFAULT_SCORING
-    """As add_classes --scoring: how every trial's child scores its classes on val (per-increment:
-    each class against the classes that existed when it was added; joint: one softmax). Use the
-    value add_classes will run with."""
+    """How every trial's child scores its classes on val (per-increment: each class against the
+    classes that existed when it was added; joint, the default: one softmax, the scoring the
+    training loss uses). add_classes' default, auto, chooses between the two per version on val
+    after fine-tuning; trials compare training configurations, so they score one way."""
     include_default: bool = True
     """Run add_classes' own defaults (its freeze policy, no balancer, its lr and steps, steps
     capped at --max-steps) as the first trial, on the same draws: the search keeps them unless a
