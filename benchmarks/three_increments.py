@@ -74,8 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "add_classes' default before 2026-12-05); crossed with "
                         "--bias-correction, every variant starting from the same base model of the seed")
     p.add_argument("--scoring", default="",
-                   help="add_classes' --scoring for every increment (per-increment or joint; empty: its default, "
-                        "joint); a per-increment champion is also scored jointly, paired")
+                   help="add_classes' --scoring for every increment (auto, per-increment or joint; empty: its "
+                        "default, auto); a champion that scores per increment is also scored jointly, paired")
     p.add_argument("--json-out", default="", help="append one JSON line per seed (and variant) to this file")
     p.add_argument("--val-log", default="",
                    help="print the val figures (the gate's 150 images) of every add_classes job in this console "
@@ -260,7 +260,6 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
     ``freeze``: its --freeze; ``base_from``: the model whose base version this chain starts from
     (else it trains one)."""
     from fewshot.backends import registry
-    from fewshot.model.cosine_head import DEFAULT_SCORING
 
     model = variant_model(seed, variant, freeze, args.scoring)
     common = ["--catalog", args.catalog, "--mlflow-uri", uri, "--model-name", model,
@@ -291,7 +290,7 @@ def chain(args, catalog, manifest, uri: str, env: dict, seed: int, groups: list[
             step["offset"] = float(registry.get_version(uri, model, version).tags.get("bias_correction_offset", "nan"))
         steps.append(step)
     out = {"seed": seed, "bias_correction": variant, "freeze": freeze, "steps": steps,
-           "scoring": args.scoring or DEFAULT_SCORING}
+           "scoring": args.scoring or "auto"}
     if not args.no_upper_bound and base_from is None:
         joint = f"increments-joint-s{seed}"
         jcommon = common[:4] + ["--model-name", joint, "--experiment", "fewshot-increments"]
