@@ -103,6 +103,9 @@ class ModelRef(BaseModel):
     name: str
     version: int
     class_set: str
+    scoring: str = Field(description="how the version scores its classes: 'joint' (one softmax over every "
+                                     "class) or 'per-increment' (each class against the classes that existed "
+                                     "when it was added); add_classes --scoring auto chose it on val")
 
 
 class ImageSize(BaseModel):
@@ -232,10 +235,12 @@ class Served:
     key: tuple        # what was loaded: (name, version, device, teacher spec setting)
     refiner: object | None = None
     refine_note: str = ""
+    scoring: str = "joint"
 
     @property
     def ref(self) -> dict:
-        return {"name": self.name, "version": self.version, "class_set": self.class_set}
+        return {"name": self.name, "version": self.version, "class_set": self.class_set,
+                "scoring": self.scoring}
 
     def refinement(self, requested: bool) -> dict:
         """The ``refinement`` block of an answer."""
@@ -337,7 +342,7 @@ class DetectorService:
         answerer = Answerer(detector, refiner)
         answerer.warmup()  # a version that cannot answer fails here, before it is served
         return Served(answerer, name, info.version, info.class_set, tuple(detector.classes), key,
-                      refiner, note)
+                      refiner, note, detector.model.roi_heads.box_predictor.cls_score.scoring)
 
     async def _refresh(self, settings: ServiceSettings | None = None) -> bool:
         async with self._lock:

@@ -201,6 +201,7 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
     assert clf.scoring == want.scoring
     assert clf.increment_ends.tolist() == [len(split.base) + 1, len(split.base) + 1 + len(novel)]
     assert clf.logit_bias[len(split.base) + 1:].tolist() == [want.offset] * len(novel)
+    assert body["model"]["scoring"] == want.scoring   # Serve says how the answering version scores
     assert body["refinement"] == {"applied": True, "fusion_weight": weight,
                                   "teacher": v2.tags["refine_teacher"]}
     for det in body["detections"]:

@@ -186,6 +186,7 @@ def test_multipart_and_raw_body_answer_the_same(stack):
     assert raw.json() == multi.json()
     body = raw.json()
     assert body["model"]["version"] == stack.version and body["image"] == {"width": 160, "height": 120}
+    assert body["model"]["scoring"] == "joint"   # a base model: one increment, one softmax
     # the teacher came with the version (its artifact): refinement applied by default
     assert body["refinement"]["applied"] is True and body["refinement"]["fusion_weight"] == 0.5
     assert body["detections"] and all("det_score" in d and "clip_score" in d for d in body["detections"])
