@@ -215,6 +215,14 @@ def test_fit_judged_as_served_passes_each_offset_s_detections_and_records_what_i
     assert choice.candidates == [{"scoring": "joint", "offset": 0.0, "met": True, "bAP50": pytest.approx(at0),
                                   "nAP50": pytest.approx(rows[0.0]["nAP50"]), "HM50": pytest.approx(rows[0.0]["HM50"])}]
     assert (choice.parent_served_bAP50, choice.max_detector_drop) == (at0, 1.0)
+    # nothing meets it as served: the fallback offset's served figures are asked for too, so the
+    # candidates (and a choice between scorings) compare what a user would be served
+    seen.clear()
+    missed = fit_new_row_offset(_model(child), split, child.category_ids, parent_b, max_base_drop=0.0,
+                                offsets=(0.0, -2.0), served=lambda o, r: {"bAP50": 0.25, "nAP50": 0.5},
+                                parent_served_bAP50=1.5, max_detector_drop=1.0)
+    assert not missed.met and missed.candidates[0]["bAP50"] == 0.25 and missed.candidates[0]["nAP50"] == 0.5
+    assert next(r for r in missed.table if r["offset"] == missed.offset)["served_bAP50"] == 0.25
     # unrefined, the same call judges the detector alone and records no served figures
     plain = fit_new_row_offset(_model(child), split, child.category_ids, parent_b, max_base_drop=0.0,
                                offsets=(0.0, -2.0, -60.0))

@@ -268,7 +268,10 @@ def fit_new_row_offset(model: nn.Module, split: EvalSplit, label_to_category: Se
         offset, met = choose_offset(reports, parent_bAP50, max_base_drop,
                                     served_bAP50=served_at if served is not None else None,
                                     parent_served_bAP50=parent_served_bAP50, max_detector_drop=max_detector_drop)
-        judged = asked.get(offset) or {"bAP50": reports[offset].bAP50, "nAP50": reports[offset].nAP50}
+        if served is not None and offset not in asked:   # a fallback offset: compare scorings as served too
+            served_at(offset)
+        judged = asked[offset] if served is not None else {"bAP50": reports[offset].bAP50,
+                                                            "nAP50": reports[offset].nAP50}
         candidate = ScoringCandidate(scoring=scoring, offset=offset, met=met, bAP50=float(judged["bAP50"]),
                                      nAP50=float(judged["nAP50"]))
         outcomes[scoring] = (candidate, reports, asked, detections[offset])
