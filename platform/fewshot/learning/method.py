@@ -136,8 +136,8 @@ class MethodOptions:
     its probability, nor push down its false detections on new objects; the new classes are
     scored against every class); auto (default): both are scored on the val split after
     fine-tuning, each with its own bias-correction offset, and the version keeps the one that
-    keeps the old classes within --bias-correction of the parent, then the one with the better
-    harmonic mean of old- and new-class AP50 (ties: joint). Training is the same either way;
+    keeps the old classes within --bias-correction of the parent (--max-base-drop when that is
+    None), then the one with the better harmonic mean of old- and new-class AP50 (ties: joint). Training is the same either way;
     the choice travels with the version (tag 'scoring')."""
     parent_distill: float | None = DEFAULT_PARENT_DISTILL
     """Weight lambda of the distillation of the old classes' outputs (logits and box deltas on
