@@ -3,6 +3,7 @@ on two of its classes with Ray Train, then add the third with add_classes.
 
 Real Ray (a local cluster), a real MLflow server, real pycocotools evaluation.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -48,4 +49,9 @@ def test_base_then_add_classes_on_imported_voc(tmp_path, mlflow_uri, local_ray):
     assert child.classes == ["RBC", "WBC", "Platelets"]
     assert child.tags["new_classes"] == "Platelets" and child.tags["dataset"] == "bccd"
     assert "bias_correction_offset" not in child.tags and "bias_correction" not in result.timings
+    # --scoring auto (the default) still chose the scoring on val, at offset 0, against --max-base-drop
+    assert child.tags["scoring_option"] == "auto" and "scoring" in result.timings
+    candidates = json.loads(child.tags["scoring_val"])
+    assert [c["offset"] for c in candidates] == [0.0, 0.0] and all(c["met"] for c in candidates)
+    assert child.tags["scoring"] in ("joint", "per-increment")
     assert registry.get_alias(mlflow_uri, MODEL, registry.CHAMPION).version == 2

@@ -162,7 +162,7 @@ class AddClassesResult:
     precision: str = "fp32"       # the precision the child trained and was evaluated in (version tag)
 
 
-STAGES = ("validate", "expand", "finetune", "bias_correction", "refine_fit", "evaluate", "register")
+STAGES = ("validate", "expand", "finetune", "bias_correction", "scoring", "refine_fit", "evaluate", "register")
 
 
 class _Clock:
@@ -476,7 +476,8 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
             with clock("evaluate"):
                 parent_val = _score_both(parent_ckpt, parent_val_split, plan.parent_refiner, opts.cluster,
                                          eval_cache)
-            with clock("bias_correction"):
+            # "scoring": with --bias-correction None, only auto's choice of scoring (at offset 0)
+            with clock("bias_correction" if opts.bias_correction is not None else "scoring"):
                 # the grid's detections at the chosen offset (and scoring) are the corrected child's
                 # on val; when refining, the rule is judged as served and the chosen refiner is kept
                 child_ckpt, bias_tags, child_val_results, refiner = _correct_new_bias(
