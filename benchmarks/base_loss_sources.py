@@ -354,9 +354,7 @@ def per_increment_table(by: dict) -> str:
         for t in TEST_SIZES:
             g = [r["per_increment"][f"test{t}"] for r in rs]
             j = [r[f"test{t}"] for r in rs]
-            out.append(f"| {shots} | {len(rs)} | {t} | {c(x['drop'] for x in g)} | {c(x['nAP50'] for x in g)} "
-                       f"| {c(x['drop'] - y['drop'] for x, y in zip(g, j))} "
-                       f"| {c(x['nAP50'] - y['nAP50'] for x, y in zip(g, j))} |")
+            out.append(f"| {shots} | {len(rs)} | {t} | {paired_cells(g, j, 'drop', 'nAP50')} |")
     out += ["", "What a choice between the two scorings sees on val (base drop at offset 0; nAP50 per-increment "
             "− joint):", "", "| shots | val images | base drop, per-increment | base drop, joint | paired "
             "difference | nAP50 difference |", "|---|---|---|---|---|---|"]
@@ -378,23 +376,26 @@ def per_increment_table(by: dict) -> str:
 def auto_table(by: dict) -> str:
     """``--scoring auto`` (the scoring and its offset chosen on val) paired against joint scoring
     with its offset rule (what add_classes served before auto), on the same children."""
-    from fewshot.metrics.stats import mean_ci95
-
-    c = lambda xs: mean_ci95(xs).format()
     out = ["add_classes --scoring auto: joint or per-increment scoring, each with its own offset rule, chosen on n "
            "val images; paired against joint scoring with its offset rule:", "",
            "| shots | val images | per-increment chosen | test drop (300) | nAP50 (300) | drop − joint | "
            "nAP50 − joint |", "|---|---|---|---|---|---|---|"]
-    for shots, rs in sorted(by.items()):
-        rs = [r for r in rs if "auto" in r]
-        for n in VAL_SIZES:
-            a = [r["auto"][f"rule_val{n}"] for r in rs]
-            j = [r[f"rule_val{n}"] for r in rs]
-            chose = sum(x["scoring"] == "per-increment" for x in a)
-            out.append(f"| {shots} | {n} | {chose} of {len(a)} | {c(x['test300_drop'] for x in a)} "
-                       f"| {c(x['test300_nAP50'] for x in a)} | {c(x['test300_drop'] - y['test300_drop'] for x, y in zip(a, j))} "
-                       f"| {c(x['test300_nAP50'] - y['test300_nAP50'] for x, y in zip(a, j))} |")
+    cells = {(shots, n): ([r["auto"][f"rule_val{n}"] for r in rs if "auto" in r],   # auto, then joint
+                          [r[f"rule_val{n}"] for r in rs if "auto" in r])
+             for shots, rs in by.items() for n in VAL_SIZES}
+    out += [f"| {shots} | {n} | {sum(x['scoring'] == 'per-increment' for x in a)} of {len(a)} "
+            f"| {paired_cells(a, j, 'test300_drop', 'test300_nAP50')} |" for (shots, n), (a, j) in sorted(cells.items())]
     return "\n".join(out)
+
+
+def paired_cells(xs: list[dict], ys: list[dict], drop: str, nap: str) -> str:
+    """Table cells: ``xs``' base drop and nAP50, then their paired differences to ``ys`` (the
+    same draws), each mean ± 95% CI."""
+    from fewshot.metrics.stats import mean_ci95
+
+    c = lambda vs: mean_ci95(vs).format()
+    return (f"{c(x[drop] for x in xs)} | {c(x[nap] for x in xs)} | {c(x[drop] - y[drop] for x, y in zip(xs, ys))} "
+            f"| {c(x[nap] - y[nap] for x, y in zip(xs, ys))}")
 
 
 def rule_table(by: dict, lines_of) -> list[str]:
