@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -72,20 +73,20 @@ def local_ray():
 
 
 @pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    session.config._fewshot_exitstatus = int(session.exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     """End the process with pytest's own exit status once its report is written: a CI run at
     705e90b passed all 394 tests and then segfaulted in native teardown at interpreter exit
     (make: Segmentation fault), which turned a green run red. Every service a test started is
-    stopped by that test, so nothing is left for atexit handlers to do."""
-    import os
-    import sys
-
-    session = getattr(config, "_fewshot_session", None)
-    status = int(getattr(session, "exitstatus", 0)) if session is not None else 0
+    stopped by that test, so nothing is left for atexit handlers to do. A run that never
+    finished a session (a usage error) exits as pytest would."""
+    status = getattr(config, "_fewshot_exitstatus", None)
+    if status is None:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
-
-
-def pytest_sessionstart(session):
-    session.config._fewshot_session = session

@@ -480,7 +480,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
             with clock("bias_correction" if opts.bias_correction is not None else "scoring"):
                 # the grid's detections at the chosen offset (and scoring) are the corrected child's
                 # on val; when refining, the rule is judged as served and the chosen refiner is kept
-                child_ckpt, bias_tags, child_val_results, refiner = _correct_new_bias(
+                child_ckpt, bias_tags, child_val_results, refiner = _choose_on_val(
                     final, child_ckpt, plan, parent_val, precision, eval_cache)
         if child_val_results is None:
             with clock("evaluate"):
@@ -593,7 +593,7 @@ def _trained_scoring(option: str) -> str:
     return "joint" if option == "auto" else option
 
 
-def _correct_new_bias(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_val: "_Scores",
+def _choose_on_val(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_val: "_Scores",
                       precision: str, trunk_cache: TrunkCache | None):
     """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`) and,
     with ``--scoring auto``, the scoring (each with its own offset, from one prediction pass);
