@@ -50,6 +50,19 @@ selection on val as the bias correction's: for each alpha add_classes' offset ru
 largest alpha whose rule is met (else the best val harmonic mean over alpha and offset), judged
 on 150 and on 300 val images.
 
+**``--variant baseline``** (added last; ``variant`` in each line, absent in lines written
+before it, which are ``add-classes``): the fixed-weight baseline of the ablation, the same
+weights trained on the same support images with the same schedule, without the old-class
+pseudo-labels and without parent distillation, and scored the same ways. With both variants in
+one file, ``--summarize`` pairs them per draw (add_classes' default − baseline): nAP50 and base
+drop as trained (joint scoring, no offset) and as served (``--scoring auto`` chosen on the
+gate's 150 val images), on all 300 test images. Protocol fixed before its run: the
+``add-classes`` lines of ``results_scoring_auto.jsonl`` (seeds 0..9, if a rebuilt base
+reproduces them) plus seeds 10..19, and the baseline at seeds 0..19, shots 1 / 5 / 10::
+
+    python benchmarks/base_loss_sources.py --checkpoint base/dihedral.pt --variant baseline \\
+        --seeds 20 --out benchmarks/results_default_vs_baseline.jsonl
+
 Torch only (no Ray, no MLflow); about 50 s per draw on one core (more with ``--alphas``).
 """
 from __future__ import annotations
@@ -72,6 +85,7 @@ NOVEL = ["triangle", "star4", "crescent", "lshape", "gear"]
 OFFSETS = (0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0, -8.0)   # add_classes' grid
 OFF = -100.0   # switches the new classes off
 VAL_SIZES = (100, 150, 300)
+VARIANTS = ("add-classes", "baseline")   # add_classes' default training; the ablation's baseline
 TEST_SIZES = (150, 300)
 
 
@@ -83,8 +97,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="1,5,10", help="comma-separated shot counts")
     p.add_argument("--seeds", type=int, default=5, help="draws per shot count (seeds F..F+N-1)")
     p.add_argument("--first-seed", type=int, default=0, metavar="F", help="first draw seed (to extend a run)")
+    p.add_argument("--variant", default="add-classes", choices=tuple(VARIANTS),
+                   help="what trains the child: add-classes (its default: old-class pseudo-labels at 0.9 and "
+                        "parent distillation) or baseline (neither: the ablation's fixed-weight baseline)")
     p.add_argument("--parent-distill", type=float, default=1.0, metavar="L",
-                   help="parent distillation weight (add_classes' default 1)")
+                   help="parent distillation weight of the add-classes variant (add_classes' default 1)")
     p.add_argument("--alphas", default="", metavar="A,B",
                    help="also score the child interpolated toward its start, (1-a) start + a child, at "
                         "these a in (0, 1) (WiSE-FT; empty: skip)")
@@ -172,14 +189,15 @@ def run(args) -> None:
     if not modes or set(modes) - {"all", "shared"}:
         raise SystemExit(f"--interpolate takes all and/or shared, got {args.interpolate!r}")
     cfg = TrainConfig(steps=150, batch_size=8, lr=5e-4, warmup_steps=20, log_every=150)   # add_classes'
-    method = MethodConfig(freeze="backbone", parent_distill=args.parent_distill)
+    default_training = args.variant == "add-classes"
+    method = MethodConfig(freeze="backbone", parent_distill=args.parent_distill if default_training else 0.0)
     num_old = len(base) + 1
     for shots in [int(k) for k in args.shots.split(",")]:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.perf_counter()
             ep = sample_episode(catalog, parent, NOVEL, shots, seed)
             start = expand_parent(ep, device="cpu")
-            labelled, _ = pseudo_label_episode(ep, 0.9, device="cpu")
+            labelled = pseudo_label_episode(ep, 0.9, device="cpu")[0] if default_training else ep
             child = fine_tune_episode(labelled, cfg, method, start=start, device="cpu", precision="fp32",
                                       trunk_cache=cache)
             model = child.build_model().eval()
@@ -192,7 +210,8 @@ def run(args) -> None:
                 kept = reports(model, "test", num_old, child.category_ids, (0.0,))
             finally:
                 merge.remove()
-            line = {"shots": shots, "seed": seed, "parent_distill": args.parent_distill,
+            line = {"shots": shots, "seed": seed, "variant": args.variant,
+                    "parent_distill": args.parent_distill if default_training else 0.0,
                     "parent_bAP50": {f"{k}{n}": round(v, 5) for k in ref for n, v in ref[k].items()}}
             for n in TEST_SIZES:
                 rep = own["test"][n]
@@ -314,9 +333,52 @@ def interpolation_line(own, mixed, ref) -> dict:
 
 
 def summarize(path: str) -> str:
+    """The tables of every variant in the results file, then add_classes' default paired against
+    the baseline where both are there."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    by_variant = defaultdict(list)
+    for r in rows:
+        by_variant[r.get("variant", VARIANTS[0])].append(r)
+    if len(by_variant) == 1:
+        return variant_tables(rows)
+    out = []
+    for variant, vrows in by_variant.items():
+        out += [f"## --variant {variant}", "", variant_tables(vrows), ""]
+    if set(VARIANTS) <= set(by_variant):
+        out.append(default_vs_baseline_table(*(by_variant[v] for v in VARIANTS)))
+    return "\n".join(out)
+
+
+def default_vs_baseline_table(default: list[dict], baseline: list[dict]) -> str:
+    """add_classes' default training − the baseline, paired over the draws both ran, as trained
+    (joint scoring, no offset) and as served (``--scoring auto`` chosen on 150 val images)."""
     from fewshot.metrics.stats import mean_ci95
 
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    t = TEST_SIZES[-1]
+    c = lambda vs: mean_ci95(vs).format()
+    ways = {"as trained": lambda r: (r[f"test{t}"]["nAP50"], r[f"test{t}"]["drop"]),
+            "as served": lambda r: (r["auto"]["rule_val150"][f"test{t}_nAP50"], r["auto"]["rule_val150"][f"test{t}_drop"])}
+    base = {(r["shots"], r["seed"]): r for r in baseline}
+    out = [f"add_classes' default training − the fixed-weight baseline, paired per draw, on {t} test images "
+           "(as trained: joint scoring, no offset; as served: --scoring auto chosen on 150 val images; "
+           "AP50 points, base drop = parent − child):", "",
+           "| shots | draws | scored | nAP50, default | nAP50, baseline | nAP50 difference | base drop, default "
+           "| base drop, baseline | base drop difference |", "|---|---|---|---|---|---|---|---|---|"]
+    for shots in sorted({r["shots"] for r in default}):
+        pairs = [(r, base[shots, r["seed"]]) for r in default if r["shots"] == shots and "auto" in r
+                 and (shots, r["seed"]) in base]
+        for way, get in ways.items():
+            x = [(get(a), get(b)) for a, b in pairs]
+            out.append(f"| {shots} | {len(pairs)} | {way} | {c(a[0] for a, _ in x)} | {c(b[0] for _, b in x)} "
+                       f"| {c(a[0] - b[0] for a, b in x)} | {c(a[1] for a, _ in x)} "
+                       f"| {c(b[1] for _, b in x)} | {c(a[1] - b[1] for a, b in x)} |")
+    return "\n".join(out)
+
+
+def variant_tables(rows: list[dict]) -> str:
+    """One variant's tables: where its base AP50 goes, the offset rule, the scorings."""
+    from fewshot.metrics.stats import mean_ci95
+
     by = defaultdict(list)
     for r in rows:
         by[r["shots"]].append(r)
