@@ -66,7 +66,7 @@ planned and cut to 15 after the first two, before any 5- or 10-shot draw, becaus
     python benchmarks/base_loss_sources.py --checkpoint base/dihedral.pt --variant add-classes \\
         --seeds 15 --out benchmarks/results_default_vs_baseline.jsonl   # and --variant baseline beside it
 
-Torch only (no Ray, no MLflow); about 50 s per draw on one core (more with ``--alphas``).
+Torch only (no Ray, no MLflow); 50-105 s per draw on one core, 10 shots the slowest (more with ``--alphas``).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", default="1,5,10", help="comma-separated shot counts")
     p.add_argument("--seeds", type=int, default=5, help="draws per shot count (seeds F..F+N-1)")
     p.add_argument("--first-seed", type=int, default=0, metavar="F", help="first draw seed (to extend a run)")
-    p.add_argument("--variant", default="add-classes", choices=tuple(VARIANTS),
+    p.add_argument("--variant", default="add-classes", choices=VARIANTS,
                    help="what trains the child: add-classes (its default: old-class pseudo-labels at 0.9 and "
                         "parent distillation) or baseline (neither: the ablation's fixed-weight baseline)")
     p.add_argument("--parent-distill", type=float, default=1.0, metavar="L",
