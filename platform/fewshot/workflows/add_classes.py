@@ -594,7 +594,7 @@ def _trained_scoring(option: str) -> str:
 
 
 def _choose_on_val(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, parent_val: "_Scores",
-                      precision: str, trunk_cache: TrunkCache | None):
+                   precision: str, trunk_cache: TrunkCache | None):
     """Choose the new rows' logit offset on val (:mod:`fewshot.learning.bias_correction`) and,
     with ``--scoring auto``, the scoring (each with its own offset, from one prediction pass);
     write them into the checkpoint at ``path``, log the choice; returns the corrected
