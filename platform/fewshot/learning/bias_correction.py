@@ -67,6 +67,7 @@ class SecondStage:
     proposals: torch.Tensor  # [R, 4], in the transformed image
     image_size: tuple[int, int]  # (h, w) after the model's transform
     original_size: tuple[int, int]  # (h, w) of the decoded image
+    retained: tuple[torch.Tensor, torch.Tensor] | None = None  # the retained heads' outputs, if any
 
 
 @dataclass
@@ -100,21 +101,29 @@ def collect_second_stage(model: nn.Module, rows: Iterable[Mapping], batch_size: 
     def keep_outputs(_module, _args, output):
         captured["class_logits"], captured["box_regression"] = output
 
+    def keep_pooled(_module, args):
+        # the retained heads' answers on the same RoIs, whatever the scoring (they apply under per-increment)
+        captured["retained"] = model.roi_heads.retained_outputs(args[0])
+
     out: list[SecondStage] = []
 
     def keep(batch, images, _outputs):
         counts = [len(p) for p in captured["proposals"]]
         logits = captured["class_logits"].float().cpu().split(counts)
         deltas = captured["box_regression"].float().cpu().split(counts)
+        kept = captured["retained"]
+        retained = (list(zip(*(t.float().cpu().split(counts) for t in kept))) if kept is not None
+                    else [None] * len(batch))
         for i, row in enumerate(batch):
             out.append(SecondStage(
                 image_id=int(row["image_id"]), class_logits=logits[i], box_regression=deltas[i],
                 proposals=captured["proposals"][i].float().cpu(),
                 image_size=tuple(int(v) for v in captured["image_shapes"][i]),
-                original_size=(int(images[i].shape[-2]), int(images[i].shape[-1]))))
+                original_size=(int(images[i].shape[-2]), int(images[i].shape[-1])), retained=retained[i]))
 
     hooks = [model.roi_heads.register_forward_pre_hook(keep_inputs),
-             model.roi_heads.box_predictor.register_forward_hook(keep_outputs)]
+             model.roi_heads.box_predictor.register_forward_hook(keep_outputs),
+             model.roi_heads.box_head.register_forward_pre_hook(keep_pooled)]
     try:
         run_over_rows(model, rows, keep, batch_size, device=device, precision=precision,
                       trunk_cache=trunk_cache)
@@ -135,7 +144,7 @@ def detections_with_offset(model: nn.Module, stages: Sequence[SecondStage], firs
         logits = st.class_logits.clone()
         logits[:, first_new:] += offset
         boxes, scores, labels = heads.postprocess_detections(
-            logits, st.box_regression, [st.proposals], [st.image_size])
+            logits, st.box_regression, [st.proposals], [st.image_size], retained=st.retained)
         det = model.transform.postprocess([{"boxes": boxes[0], "scores": scores[0], "labels": labels[0]}],
                                           [st.image_size], [st.original_size])[0]
         results.extend(coco_results(st.image_id, det, label_to_category))

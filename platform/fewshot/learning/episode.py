@@ -84,18 +84,20 @@ def sample_episode(catalog: Catalog, parent: DetectorCheckpoint, new_classes: Se
 
 
 def expand_parent(ep: Episode, device: str | torch.device | None = None,
-                  scoring: Scoring = "joint") -> DetectorCheckpoint:
+                  scoring: Scoring = "joint", retain_head: bool = False) -> DetectorCheckpoint:
     """The parent with one imprinted classifier row per new class (the fine-tune's start); the
     support features are computed on ``device`` (default: CUDA when available, else the CPU).
     ``scoring``: how the child scores classes (:mod:`fewshot.model.cosine_head`; add_classes
-    passes its ``--scoring``)."""
+    passes its ``--scoring``); ``retain_head``: keep the parent's RoI head frozen for the old
+    classes (:mod:`fewshot.model.retained_heads`; add_classes passes ``--retain-heads``)."""
     torch.manual_seed(ep.seed)
     model = ep.parent.build_model().to(resolve_device(device))
     index = class_index(ep.child_ids)
     images, targets = rows_to_batch(ep.novel_rows, index)
     replay_images, replay_targets = rows_to_batch(ep.replay_rows, index)
     expand_detector(model, images, targets, num_new=len(ep.new_classes),
-                    center_images=replay_images, center_targets=replay_targets, scoring=scoring)
+                    center_images=replay_images, center_targets=replay_targets, scoring=scoring,
+                    retain_head=retain_head)
     return to_checkpoint(model, ep.parent, ep.child_classes, ep.child_ids)
 
 

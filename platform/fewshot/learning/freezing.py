@@ -21,7 +21,9 @@ Policies (``--freeze``):
   ``head`` kept base AP50 at 0.111 (parent 0.14) with novel AP50 0.149, while ``backbone``
   dropped base AP50 to 0.067 with novel AP50 near 0.
 
-The classifier's old rows are frozen by construction in every policy (``weight_old``).
+The classifier's old rows are frozen by construction in every policy (``weight_old``), and so
+are the retained heads (:mod:`fewshot.model.retained_heads`), which answer the old classes as
+the parent did only while the backbone and RPN stay as they were (``backbone``, ``head``).
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def apply_freezing(model: nn.Module, policy: str) -> dict[str, int]:
         for p in predictor.bbox_pred.parameters():
             p.requires_grad_(True)
     predictor.cls_score.weight_old.requires_grad_(False)
+    for p in model.roi_heads.retained.parameters():
+        p.requires_grad_(False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"trainable_params": trainable, "frozen_params": frozen}

@@ -5,7 +5,8 @@ predictor is the expandable cosine classifier of ``fewshot.model.cosine_head``. 
 is torchvision's RoIHeads restricted to boxes, with one addition: in training it hands each
 batch's sampled RoIs to registered observers (the precision-driven balancer reads task
 precisions there, distillation reads foreground RoI features); and at inference each class's score
-is the classifier's ``probabilities`` (per-increment scoring, ``fewshot.model.cosine_head``).
+is the classifier's ``probabilities`` (per-increment scoring, ``fewshot.model.cosine_head``),
+with the columns of retained heads (``fewshot.model.retained_heads``) answered by them.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 from fewshot.model.backbones import build_backbone
 from fewshot.model.presets import DetectorConfig
 from fewshot.model.cosine_head import CosineBoxPredictor
+from fewshot.model.retained_heads import RetainedHeads, merge_retained
 
 
 @dataclass
@@ -46,6 +48,11 @@ class FewShotRoIHeads(RoIHeads):
         super().__init__(*args, **kwargs)
         self.observers: list[Callable[[RoIBatch], dict | None]] = []
         self.extra_losses: Callable[[RoIBatch], dict[str, torch.Tensor]] | None = None
+        self.retained: RetainedHeads | None = None   # set by build_detector
+
+    def retained_outputs(self, pooled: torch.Tensor):
+        """The retained heads' probabilities and box deltas (None when there are none)."""
+        return self.retained(pooled) if self.retained is not None and len(self.retained) else None
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
@@ -85,23 +92,33 @@ class FewShotRoIHeads(RoIHeads):
                     losses.update(self.extra_losses(batch))
         else:
             boxes, scores, labels = self.postprocess_detections(
-                class_logits, box_regression, proposals, image_shapes
+                class_logits, box_regression, proposals, image_shapes,
+                retained=self.retained_outputs(pooled) if self.box_predictor.cls_score.scoring != "joint" else None,
             )
             for b, s, l in zip(boxes, scores, labels):
                 result.append({"boxes": b, "labels": l, "scores": s})
         return result, losses
 
-    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes, retained=None):
         """torchvision's post-processing (decode, clip, drop background, score threshold, tiny
         boxes, per-class NMS, top detections) with the classifier's class probabilities in place
-        of the plain softmax; with joint scoring it is torchvision's own."""
+        of the plain softmax; with joint scoring it is torchvision's own. ``retained``: the
+        retained heads' outputs on the same RoIs (:meth:`retained_outputs`), which answer their
+        columns under per-increment scoring; each head (every retained one, and the live one)
+        then keeps its own ``detections_per_img`` best detections, so the old classes keep the
+        detections their parent served (``fewshot.model.retained_heads``)."""
         classifier = self.box_predictor.cls_score
         if classifier.scoring == "joint":
             return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        probabilities, box_regression = merge_retained(classifier.probabilities(class_logits), box_regression,
+                                                       retained)
         per_image = [len(p) for p in proposals]
         boxes_all = self.box_coder.decode(box_regression, proposals).split(per_image, 0)
-        scores_all = classifier.probabilities(class_logits).split(per_image, 0)
+        scores_all = probabilities.split(per_image, 0)
         num_classes = class_logits.shape[-1]
+        # the first column each head answers: the live head's alone without retained heads
+        firsts = ([h.start for h in self.retained.heads] + [self.retained.end]) if retained is not None else [1]
+        firsts = torch.tensor(firsts[1:], device=class_logits.device)
         out_boxes, out_scores, out_labels = [], [], []
         for boxes, scores, shape in zip(boxes_all, scores_all, image_shapes):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
@@ -111,7 +128,13 @@ class FewShotRoIHeads(RoIHeads):
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)   # by decreasing score
+            if len(firsts):
+                head = torch.bucketize(labels[keep], firsts, right=True)
+                keep = torch.cat([keep[head == h][: self.detections_per_img] for h in range(len(firsts) + 1)])
+                keep = keep[scores[keep].argsort(descending=True, stable=True)]
+            else:
+                keep = keep[: self.detections_per_img]
             out_boxes.append(boxes[keep])
             out_scores.append(scores[keep])
             out_labels.append(labels[keep])
@@ -177,6 +200,8 @@ def build_detector(config: DetectorConfig, num_classes: int) -> FasterRCNN:
         nms_thresh=config.box_nms_thresh,
         detections_per_img=config.box_detections_per_img,
     )
+    model.roi_heads.retained = RetainedHeads(
+        backbone.out_channels * config.roi_output_size**2, config.representation_size, config.cosine_scale)
     model.rpn.head.register_forward_hook(_rpn_outputs_fp32)
     return model
 

@@ -45,6 +45,7 @@ def expand_detector(
     center_images: list[torch.Tensor] | None = None,
     center_targets: list[dict[str, torch.Tensor]] | None = None,
     scoring: Scoring | None = None,
+    retain_head: bool = False,
 ) -> list[int]:
     """Append ``num_new`` classes; their support labels must be old_count+1 .. old_count+num_new.
 
@@ -52,7 +53,9 @@ def expand_detector(
     box features and the support's give the mean that imprinting subtracts (see
     ``imprint_rows``). ``scoring``: how the expanded model scores classes (``per-increment`` or
     ``joint``, :class:`fewshot.model.cosine_head.CosineClassifier`); None keeps the parent's.
-    Returns the new model labels.
+    ``retain_head``: keep a frozen copy of the parent's RoI head to answer the old classes under
+    per-increment scoring (:mod:`fewshot.model.retained_heads`); without it the child has no
+    retained heads (its live head answers every class). Returns the new model labels.
     """
     classifier = model.roi_heads.box_predictor.cls_score
     first = classifier.num_classes  # background + existing classes: next label index
@@ -63,6 +66,11 @@ def expand_detector(
         other, _ = support_roi_features(model, center_images, center_targets)
         center = F.normalize(torch.cat([feats, other]), dim=1).mean(dim=0)
     rows = imprint_rows(feats, labels, new_labels, center=center)
+    heads = model.roi_heads
+    if retain_head:
+        heads.retained.keep(heads.box_head, heads.box_predictor)   # before the classifier grows
+    else:
+        heads.retained.clear()
     classifier.expand(rows)
     if scoring is not None:
         classifier.set_scoring(scoring)
