@@ -77,6 +77,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,6 +104,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="add-classes", choices=VARIANTS,
                    help="what trains the child: add-classes (its default: old-class pseudo-labels at 0.9 and "
                         "parent distillation) or baseline (neither: the ablation's fixed-weight baseline)")
+    p.add_argument("--retain-heads", action="store_true",
+                   help="expand with a retained head (add_classes --retain-heads): also score per-increment scoring "
+                        "with the parent's frozen head answering the old classes, and --scoring auto choosing between "
+                        "that and joint scoring ('retained' and 'auto_retained' in each line)")
     p.add_argument("--parent-distill", type=float, default=1.0, metavar="L",
                    help="parent distillation weight of the add-classes variant (add_classes' default 1)")
     p.add_argument("--alphas", default="", metavar="A,B",
@@ -199,13 +204,15 @@ def run(args) -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             t0 = time.perf_counter()
             ep = sample_episode(catalog, parent, NOVEL, shots, seed)
-            start = expand_parent(ep, device="cpu")
+            start = expand_parent(ep, device="cpu", retain_head=args.retain_heads)
             labelled = pseudo_label_episode(ep, 0.9, device="cpu")[0] if default_training else ep
             child = fine_tune_episode(labelled, cfg, method, start=start, device="cpu", precision="fp32",
                                       trunk_cache=cache)
             model = child.build_model().eval()
-            stages = {name: collect_second_stage(model, full[name].rows, device="cpu", trunk_cache=cache)
-                      for name in sizes}
+            with_heads = {name: collect_second_stage(model, full[name].rows, device="cpu", trunk_cache=cache)
+                          for name in sizes}
+            # every figure but the retained ones: the child's live head alone, as before --retain-heads
+            stages = {name: [replace(st, retained=None) for st in s] for name, s in with_heads.items()}
             own = {name: reports(model, name, num_old, child.category_ids, OFFSETS + (OFF,), stages=stages[name])
                    for name in sizes}
             merge = ParentAnswersOldClasses(model, start.build_model().eval(), num_old)
@@ -233,6 +240,17 @@ def run(args) -> None:
             line["per_increment"] = per_increment_line(grouped, own, ref)
             line["auto"] = {f"rule_val{n}": auto_line({"joint": own, "per-increment": grouped}, ref, n)
                             for n in VAL_SIZES}
+            if args.retain_heads:
+                classifier.set_scoring("per-increment")
+                kept_heads = {name: reports(model, name, num_old, child.category_ids, (0.0,),   # its only offset
+                                            stages=with_heads[name]) for name in sizes}
+                classifier.set_scoring("joint")
+                line["retain_heads"] = True
+                line["retained"] = {f"test{t}": {"drop": round(ref["test"][t] - kept_heads["test"][t][0.0].bAP50, 5),
+                                                 "nAP50": round(kept_heads["test"][t][0.0].nAP50, 5)}
+                                    for t in TEST_SIZES}
+                line["auto_retained"] = {f"rule_val{n}": auto_line({"joint": own, "per-increment": kept_heads}, ref, n)
+                                         for n in VAL_SIZES}
             for mode in modes if alphas else ():
                 line[f"interpolation_{mode}"] = interpolation_line(
                     own, {a: {name: reports(interpolated(start, child, a, mode), name, num_old, child.category_ids,

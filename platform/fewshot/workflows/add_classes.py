@@ -103,6 +103,13 @@ class AddClassesOptions:
     the old classes' other objects are background. Applied when --freeze trains more than the
     new classifier rows (rpn, backbone, rpn-head, none); with --freeze head nothing it could change
     trains, so it is skipped. None turns it off. The count added goes to MLflow."""
+    retain_heads: bool = True
+    """Keep a frozen copy of the parent's RoI head (box head, box regressor, classifier) in the
+    child to answer the old classes under per-increment scoring, each with the score and box the
+    parent served (Retentive R-CNN's base branch, one per increment; needs the backbone and RPN
+    frozen, --freeze backbone or head, to be exact). Costs one more box head per increment at
+    inference; under joint scoring it is dropped. --no-retain-heads: the child's own head answers
+    every class."""
     tuned_config: str | None = None
     """'best': the configuration jobs/tune.py stored for --model-name (balancer, momentum, beta,
     lr, steps and the freeze policy it was tuned under override the flags); or a JSON file with
@@ -406,7 +413,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                       new_ids=plan.new_ids, shots=opts.shots, seed=opts.seed,
                       novel_rows=novel_rows, replay_rows=replay_rows)
     start = expand_parent(episode, device=opts.cluster.device(),  # one imprinted row per new class
-                          scoring=_trained_scoring(opts.method.scoring))
+                          scoring=_trained_scoring(opts.method.scoring), retain_head=opts.retain_heads)
     pseudo = None
     if opts.pseudo_labels is not None and plan.method.freeze != "head":
         episode, pseudo = pseudo_label_episode(episode, opts.pseudo_labels, device=opts.cluster.device())
@@ -542,6 +549,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                        "freeze": method.freeze, "config_source": plan.config_source,
                        "scoring": _trained_scoring(opts.method.scoring),   # auto: bias_tags say which
                        "scoring_option": opts.method.scoring,
+                       "retained_heads": str(retained_heads(child_ckpt)),
                        "pseudo_labels": "off" if pseudo is None else f"{opts.pseudo_labels:g}:{pseudo.added}",
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
                                              "steps": opts.train.steps}, sort_keys=True)}
@@ -586,6 +594,15 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
     return AddClassesResult(version=version, promoted=decision.promoted, reason=decision.reason,
                             gate=figures, child=reported.headline(), timings=dict(clock.timings),
                             precision=precision)
+
+
+def retained_heads(ckpt: DetectorCheckpoint) -> int:
+    """How many retained heads answer old classes in the version as served (0 under joint
+    scoring, which ignores them; :mod:`fewshot.model.retained_heads`)."""
+    state = ckpt.state_dict
+    if not bool(state.get("roi_heads.box_predictor.cls_score.per_increment_scores", False)):
+        return 0
+    return len({k.split(".")[3] for k in state if k.startswith("roi_heads.retained.heads.")})
 
 
 def _trained_scoring(option: str) -> str:
@@ -639,6 +656,8 @@ def _choose_on_val(path: Path, child_ckpt: DetectorCheckpoint, plan: Plan, paren
                                 parent_served_bAP50=parent_val.served.bAP50,
                                 max_detector_drop=opts.max_detector_drop, scorings=scorings,
                                 device=opts.cluster.device(), precision=precision, trunk_cache=trunk_cache)
+    if choice.scoring == "joint":
+        model.roi_heads.retained.clear()   # ignored under joint scoring: not served, not kept
     save_checkpoint(path, model, child_ckpt.config, child_ckpt.classes, child_ckpt.category_ids,
                     child_ckpt.dataset, child_ckpt.class_set, child_ckpt.extra)
     tags = tracking.log_bias_correction(choice) if correcting else {}
