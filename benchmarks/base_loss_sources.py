@@ -66,6 +66,21 @@ planned and cut to 15 after the first two, before any 5- or 10-shot draw, becaus
     python benchmarks/base_loss_sources.py --checkpoint base/dihedral.pt --variant add-classes \\
         --seeds 15 --out benchmarks/results_default_vs_baseline.jsonl   # and --variant baseline beside it
 
+**``--retain-heads``** (added after that run; ``retain_heads``, ``retained`` and ``auto_retained``
+in each line): the child is expanded as ``add_classes --retain-heads`` (its default since
+2026-12-06) expands it, with a frozen copy of the parent's RoI head (:mod:`fewshot.model.retained_heads`);
+training does not run it, so every other figure of the line is the child's own head as before.
+``retained``: per-increment scoring with the retained head answering the old classes;
+``auto_retained``: ``--scoring auto`` choosing between joint scoring (which ignores the head)
+and that. Protocol fixed before its run: the add-classes variant at seeds 0..14, shots 1 / 5 / 10,
+on the rebuilt base of the run above, written to its own file, into which the 45 baseline lines
+of ``results_default_vs_baseline.jsonl`` (the same base and draws) are copied so ``--summarize``
+pairs them::
+
+    python benchmarks/base_loss_sources.py --checkpoint base/dihedral.pt --retain-heads --shots 1,5 \
+        --seeds 15 --out benchmarks/results_retained_heads.jsonl      # and --shots 10 beside it
+    grep '"variant": "baseline"' benchmarks/results_default_vs_baseline.jsonl >> benchmarks/results_retained_heads.jsonl
+
 Torch only (no Ray, no MLflow); 50-105 s per draw on one core, 10 shots the slowest (more with ``--alphas``).
 """
 from __future__ import annotations
@@ -379,6 +394,9 @@ def default_vs_baseline_table(default: list[dict], baseline: list[dict]) -> str:
     c = lambda vs: mean_ci95(vs).format()
     ways = {"as trained": lambda r: (r[f"test{t}"]["nAP50"], r[f"test{t}"]["drop"]),
             "as served": lambda r: (r["auto"]["rule_val150"][f"test{t}_nAP50"], r["auto"]["rule_val150"][f"test{t}_drop"])}
+    if all("auto_retained" in r for r in default):   # add_classes --retain-heads, its default since 2026-12-06
+        ways["as served, retained heads"] = lambda r: (r["auto_retained"]["rule_val150"][f"test{t}_nAP50"],
+                                                       r["auto_retained"]["rule_val150"][f"test{t}_drop"])
     base = {(r["shots"], r["seed"]): r for r in baseline}
     out = [f"add_classes' default training − the fixed-weight baseline, paired per draw, on {t} test images "
            "(as trained: joint scoring, no offset; as served: --scoring auto chosen on 150 val images; "
@@ -417,6 +435,8 @@ def variant_tables(rows: list[dict]) -> str:
         out += ["", per_increment_table(by)]
     if any("auto" in r for r in rows):
         out += ["", auto_table(by)]
+    if any("retained" in r for r in rows):
+        out += ["", retained_table(by)]
     for mode in ("all", "shared"):
         if any(f"interpolation_{mode}" in r for r in rows):
             out += ["", interpolation_tables(by, mode)]
@@ -468,6 +488,31 @@ def auto_table(by: dict) -> str:
              for shots, rs in by.items() for n in VAL_SIZES}
     out += [f"| {shots} | {n} | {sum(x['scoring'] == 'per-increment' for x in a)} of {len(a)} "
             f"| {paired_cells(a, j, 'test300_drop', 'test300_nAP50')} |" for (shots, n), (a, j) in sorted(cells.items())]
+    return "\n".join(out)
+
+
+def retained_table(by: dict) -> str:
+    """``--retain-heads``: per-increment scoring with the parent's frozen head answering the old
+    classes, paired against the same child's per-increment scoring without it; then ``--scoring
+    auto`` choosing between that and joint scoring, paired against auto without the head."""
+    out = ["Retained heads (the parent's frozen RoI head answers the old classes under per-increment scoring), "
+           "the same children, paired against per-increment scoring with the child's own head:", "",
+           "| shots | draws | test images | base drop | nAP50 | drop − own head | nAP50 − own head |",
+           "|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        rs = [r for r in rs if "retained" in r]
+        for t in TEST_SIZES:
+            out.append(f"| {shots} | {len(rs)} | {t} | {paired_cells([r['retained'][f'test{t}'] for r in rs], [r['per_increment'][f'test{t}'] for r in rs], 'drop', 'nAP50')} |")
+    out += ["", "add_classes --scoring auto with --retain-heads (joint, or per-increment with the retained head, "
+            "chosen on n val images); paired against auto without the head:", "",
+            "| shots | val images | per-increment chosen | test drop (300) | nAP50 (300) | drop − without | "
+            "nAP50 − without |", "|---|---|---|---|---|---|---|"]
+    for shots, rs in sorted(by.items()):
+        rs = [r for r in rs if "auto_retained" in r]
+        for n in VAL_SIZES:
+            a, j = [r["auto_retained"][f"rule_val{n}"] for r in rs], [r["auto"][f"rule_val{n}"] for r in rs]
+            out.append(f"| {shots} | {n} | {sum(x['scoring'] == 'per-increment' for x in a)} of {len(a)} "
+                       f"| {paired_cells(a, j, 'test300_drop', 'test300_nAP50')} |")
     return "\n".join(out)
 
 

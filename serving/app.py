@@ -106,6 +106,9 @@ class ModelRef(BaseModel):
     scoring: str = Field(description="how the version scores its classes: 'joint' (one softmax over every "
                                      "class) or 'per-increment' (each class against the classes that existed "
                                      "when it was added); add_classes --scoring auto chose it on val")
+    retained_heads: int = Field(0, description="frozen heads of earlier versions that answer the older classes "
+                                               "exactly as those versions did (per-increment scoring with "
+                                               "add_classes --retain-heads; 0 otherwise)")
 
 
 class ImageSize(BaseModel):
@@ -236,11 +239,12 @@ class Served:
     refiner: object | None = None
     refine_note: str = ""
     scoring: str = "joint"
+    retained_heads: int = 0
 
     @property
     def ref(self) -> dict:
         return {"name": self.name, "version": self.version, "class_set": self.class_set,
-                "scoring": self.scoring}
+                "scoring": self.scoring, "retained_heads": self.retained_heads}
 
     def refinement(self, requested: bool) -> dict:
         """The ``refinement`` block of an answer."""
@@ -341,8 +345,10 @@ class DetectorService:
             logger.warning("CLIP refiner not loaded: %s", note)
         answerer = Answerer(detector, refiner)
         answerer.warmup()  # a version that cannot answer fails here, before it is served
+        heads = detector.model.roi_heads
+        scoring = heads.box_predictor.cls_score.scoring
         return Served(answerer, name, info.version, info.class_set, tuple(detector.classes), key,
-                      refiner, note, detector.model.roi_heads.box_predictor.cls_score.scoring)
+                      refiner, note, scoring, len(heads.retained) if scoring == "per-increment" else 0)
 
     async def _refresh(self, settings: ServiceSettings | None = None) -> bool:
         async with self._lock:

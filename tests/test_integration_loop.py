@@ -196,12 +196,19 @@ def test_whole_loop(cluster, tiny_catalog, mlflow_uri, tiny_teacher_spec, tmp_pa
                            for c in candidates])
     assert v2.tags["scoring"] == want.scoring and f"{want.scoring} scoring, new rows' logit offset" in out
     assert float(v2.tags["bias_correction_offset"]) == want.offset
-    clf = load_checkpoint(registry.download_checkpoint(mlflow_uri, MODEL, 2, tmp_path / "v2")
-                          ).build_model().roi_heads.box_predictor.cls_score
+    v2_heads = load_checkpoint(registry.download_checkpoint(mlflow_uri, MODEL, 2, tmp_path / "v2")
+                               ).build_model().roi_heads
+    clf = v2_heads.box_predictor.cls_score
     assert clf.scoring == want.scoring
+    # --retain-heads (the default): v1's head answers the base classes under per-increment
+    # scoring; a joint version drops it, since joint scoring never asks it
+    kept = 1 if want.scoring == "per-increment" else 0
+    assert v2.tags["retained_heads"] == str(kept) and len(v2_heads.retained) == kept
+    assert [h.columns.tolist() for h in v2_heads.retained.heads] == [[1, len(split.base) + 1]] * kept
     assert clf.increment_ends.tolist() == [len(split.base) + 1, len(split.base) + 1 + len(novel)]
     assert clf.logit_bias[len(split.base) + 1:].tolist() == [want.offset] * len(novel)
     assert body["model"]["scoring"] == want.scoring   # Serve says how the answering version scores
+    assert body["model"]["retained_heads"] == kept
     assert body["refinement"] == {"applied": True, "fusion_weight": weight,
                                   "teacher": v2.tags["refine_teacher"]}
     for det in body["detections"]:
