@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     from catalog import Catalog
     from fewshot.metrics.coco_eval import load_eval_split
     from fewshot.model.checkpoint import load_checkpoint
-    from fewshot.model.image_input import decode_row_image_uint8
+    from fewshot.model.batches import decode_row_image_uint8
 
     torch.set_num_threads(args.threads)
     catalog = Catalog(args.catalog)
