@@ -387,7 +387,9 @@ def summarize(path: str) -> str:
 
 def default_vs_baseline_table(default: list[dict], baseline: list[dict]) -> str:
     """add_classes' default training − the baseline, paired over the draws both ran, as trained
-    (joint scoring, no offset) and as served (``--scoring auto`` chosen on 150 val images)."""
+    (joint scoring, no offset) and as served (``--scoring auto`` chosen on 150 val images); with
+    ``--retain-heads`` lines also the default served with its retained head against the baseline
+    as served (the baseline has none: the ablation's fixed-weight fine-tune of one head)."""
     from fewshot.metrics.stats import mean_ci95
 
     t = TEST_SIZES[-1]
@@ -395,8 +397,9 @@ def default_vs_baseline_table(default: list[dict], baseline: list[dict]) -> str:
     ways = {"as trained": lambda r: (r[f"test{t}"]["nAP50"], r[f"test{t}"]["drop"]),
             "as served": lambda r: (r["auto"]["rule_val150"][f"test{t}_nAP50"], r["auto"]["rule_val150"][f"test{t}_drop"])}
     if all("auto_retained" in r for r in default):   # add_classes --retain-heads, its default since 2026-12-06
-        ways["as served, retained heads"] = lambda r: (r["auto_retained"]["rule_val150"][f"test{t}_nAP50"],
-                                                       r["auto_retained"]["rule_val150"][f"test{t}_drop"])
+        ways["as served, retained heads"] = lambda r: (
+            (r["auto_retained"] if "auto_retained" in r else r["auto"])["rule_val150"][f"test{t}_nAP50"],
+            (r["auto_retained"] if "auto_retained" in r else r["auto"])["rule_val150"][f"test{t}_drop"])
     base = {(r["shots"], r["seed"]): r for r in baseline}
     out = [f"add_classes' default training − the fixed-weight baseline, paired per draw, on {t} test images "
            "(as trained: joint scoring, no offset; as served: --scoring auto chosen on 150 val images; "
