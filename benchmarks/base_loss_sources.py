@@ -505,7 +505,9 @@ def retained_table(by: dict) -> str:
     for shots, rs in sorted(by.items()):
         rs = [r for r in rs if "retained" in r]
         for t in TEST_SIZES:
-            out.append(f"| {shots} | {len(rs)} | {t} | {paired_cells([r['retained'][f'test{t}'] for r in rs], [r['per_increment'][f'test{t}'] for r in rs], 'drop', 'nAP50')} |")
+            kept = [r["retained"][f"test{t}"] for r in rs]
+            own = [r["per_increment"][f"test{t}"] for r in rs]
+            out.append(f"| {shots} | {len(rs)} | {t} | {paired_cells(kept, own, 'drop', 'nAP50')} |")
     out += ["", "add_classes --scoring auto with --retain-heads (joint, or per-increment with the retained head, "
             "chosen on n val images); paired against auto without the head:", "",
             "| shots | val images | per-increment chosen | test drop (300) | nAP50 (300) | drop − without | "

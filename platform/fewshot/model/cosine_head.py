@@ -30,8 +30,9 @@ logits are the separated softmax of Ahn et al., "SS-IL: Separated Softmax for In
 Learning", ICCV 2021 (Sec. 3.2, there in the training loss), and the base classes answered
 apart from the novel ones is what the base branch of Fan et al., "Generalized Few-Shot Object
 Detection without Forgetting", CVPR 2021, does with a second head; here one softmax per
-increment, and with :mod:`fewshot.model.retained_heads` the parent's frozen head too. Training is unchanged (the loss is the joint softmax, so the new rows
-still learn to reject old objects); only the scores a detection carries change. What it
+increment, and with :mod:`fewshot.model.retained_heads` the parent's frozen head too.
+Training is unchanged (the loss is the joint softmax, so the new rows still learn to reject
+old objects); only the scores a detection carries change. What it
 removes: the new rows' competition on old objects, which was about half of what a child
 loses on the old classes (README *Where the last base points go*). What it gives up: joint
 scoring's new rows also push down the old classes' false detections on new objects, which per

@@ -91,9 +91,11 @@ class FewShotRoIHeads(RoIHeads):
                 if self.extra_losses is not None:
                     losses.update(self.extra_losses(batch))
         else:
+            # the retained heads run only where they answer: under per-increment scoring
+            joint = self.box_predictor.cls_score.scoring == "joint"
             boxes, scores, labels = self.postprocess_detections(
                 class_logits, box_regression, proposals, image_shapes,
-                retained=self.retained_outputs(pooled) if self.box_predictor.cls_score.scoring != "joint" else None,
+                retained=None if joint else self.retained_outputs(pooled),
             )
             for b, s, l in zip(boxes, scores, labels):
                 result.append({"boxes": b, "labels": l, "scores": s})

@@ -19,12 +19,14 @@ done for every increment of a continual chain:
   columns, with its own box deltas; the live head answers the columns after the last retained
   head's. With the backbone and RPN frozen (``--freeze backbone`` or ``head``) the proposals and
   pooled features are the parent's, so each old class gets exactly the score and box the
-  parent served; what still separates them is post-processing's per-image detection cap, which
-  new-class detections now share.
+  parent served; and since each head keeps its own per-image detection cap
+  (:meth:`fewshot.model.detector.FewShotRoIHeads.postprocess_detections`), new-class detections
+  cannot push the parent's out of the answer.
 * Under joint scoring the retained heads are ignored (one softmax over the live head's rows).
 
 Cost: one box head (two fully connected layers on the pooled RoIs) per retained head at
-inference (``benchmarks/serve_latency.py``); training never runs them.
+inference, 1.15x the lite0-fpn detector's forward time with one (``benchmarks/retained_heads_cost.py``);
+training never runs them.
 """
 from __future__ import annotations
 

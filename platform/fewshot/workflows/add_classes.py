@@ -441,7 +441,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
             "pseudo_labels": "off" if pseudo is None else opts.pseudo_labels,
             "pseudo_labels_added": 0 if pseudo is None else pseudo.added,
             "teacher": plan.teacher.id if plan.teacher is not None else "none",
-            "refine": plan.refine, "config_source": plan.config_source,
+            "refine": plan.refine, "config_source": plan.config_source, "retain_heads": opts.retain_heads,
             "val_images": len(plan.val.rows), "test_images": len(plan.test.rows) if plan.test else 0,
             **{k: ("none" if v is None else v) for k, v in method.to_dict().items()},
             **opts.train.to_dict(), "gpu": opts.cluster.gpu, "gpus_per_worker": opts.cluster.gpus,
@@ -549,7 +549,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                        "freeze": method.freeze, "config_source": plan.config_source,
                        "scoring": _trained_scoring(opts.method.scoring),   # auto: bias_tags say which
                        "scoring_option": opts.method.scoring,
-                       "retained_heads": str(retained_heads(child_ckpt)),
+                       "retained_heads": str(_served_retained_heads(child_ckpt)),
                        "pseudo_labels": "off" if pseudo is None else f"{opts.pseudo_labels:g}:{pseudo.added}",
                        "config": json.dumps({**method.to_dict(), "lr": opts.train.lr,
                                              "steps": opts.train.steps}, sort_keys=True)}
@@ -596,7 +596,7 @@ def _run(plan: Plan, clock: _Clock | None = None) -> AddClassesResult:
                             precision=precision)
 
 
-def retained_heads(ckpt: DetectorCheckpoint) -> int:
+def _served_retained_heads(ckpt: DetectorCheckpoint) -> int:
     """How many retained heads answer old classes in the version as served (0 under joint
     scoring, which ignores them; :mod:`fewshot.model.retained_heads`)."""
     state = ckpt.state_dict
