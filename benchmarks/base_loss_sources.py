@@ -77,11 +77,12 @@ on the rebuilt base of the run above, written to its own file, into which the 45
 of ``results_default_vs_baseline.jsonl`` (the same base and draws) are copied so ``--summarize``
 pairs them::
 
-    python benchmarks/base_loss_sources.py --checkpoint base/dihedral.pt --retain-heads --shots 1,5 \
+    python benchmarks/base_loss_sources.py --checkpoint base/dihedral.pt --retain-heads --shots 1,5 \\
         --seeds 15 --out benchmarks/results_retained_heads.jsonl      # and --shots 10 beside it
     grep '"variant": "baseline"' benchmarks/results_default_vs_baseline.jsonl >> benchmarks/results_retained_heads.jsonl
 
-Torch only (no Ray, no MLflow); 50-105 s per draw on one core, 10 shots the slowest (more with ``--alphas``).
+Torch only (no Ray, no MLflow); 50-105 s per draw on one core, 10 shots the slowest (more with ``--alphas``;
+86-164 s with ``--retain-heads``, the first draws beside other jobs).
 """
 from __future__ import annotations
 
